@@ -6,6 +6,8 @@ perf_counter around each call.
 """
 from __future__ import annotations
 
+import functools
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -24,6 +26,48 @@ class Timing:
 def _summary(samples_ms: list[float]) -> Timing:
     q = statistics.quantiles(samples_ms, n=4) if len(samples_ms) > 1 else [samples_ms[0]] * 3
     return Timing(statistics.median(samples_ms), q[0], q[2], len(samples_ms))
+
+
+# `python -m mixprec bench --reduced` (CI) sets this: each script then runs tiny sizes and few repeats, to check
+# that it works and that its rows are well-formed, not to measure anything.
+REDUCED_ENV = "MIXPREC_BENCH_REDUCED"
+
+
+def reduced() -> bool:
+    return os.environ.get(REDUCED_ENV, "0") not in ("", "0")
+
+
+@functools.cache
+def llc_bytes() -> int:
+    """Size of the CPU's last-level cache (32 MB when the OS does not say)."""
+    for index in range(4, -1, -1):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    return 32 << 20
+
+
+def rotation(working_set_bytes: int, *, limit: int = 16) -> int:
+    """How many copies of a working set to cycle through so that each call finds its data out of cache:
+    enough to cover twice the last-level cache, at most `limit`."""
+    if working_set_bytes <= 0:
+        return 1
+    return max(1, min(limit, -(-2 * llc_bytes() // working_set_bytes)))
+
+
+def measure_gpu(fn, *, quick: bool = False) -> Timing:
+    """Median and quartiles of fn() on the current CUDA device, timed by triton.testing.do_bench (which
+    clears L2 between calls), or by CUDA events when triton is missing."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return measure(lambda i: fn(), device="cuda", warmup=5, repeats=20 if quick else 100)
+    median, q25, q75 = do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 200, quantiles=[0.5, 0.25, 0.75])
+    return Timing(median, q25, q75, 0)  # do_bench picks the number of repeats from `rep` (ms); 0 = not known
 
 
 def measure(fn, *, device: str = "cpu", warmup: int = 3, repeats: int = 20, min_time_s: float = 0.0) -> Timing:

@@ -27,6 +27,9 @@ TORCH_LIBRARY(mixprec, m) {
   m.def(
       "unscale_and_check_(Tensor(a!)[] grads, Tensor inv_scale, Tensor(b!) found_inf, Tensor(c!)? norm_sq=None, "
       "Tensor(d!)? per_tensor_inf=None) -> ()");
+  // Private: the CPU memory-bandwidth ceiling of the benchmarks (benchmarks/ceiling.py). Reads every byte of
+  // `reads`, then writes every byte of `writes`; a tensor in both lists is streamed in place.
+  m.def("_stream_bench_(Tensor[] reads, Tensor(a!)[] writes) -> ()");
 }
 
 }  // namespace mixprec
