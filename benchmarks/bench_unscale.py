@@ -1,0 +1,112 @@
+"""unscale_and_check_ on the fp16 gradient list of GPT-2 small (124.4M elements, 249 MB: far out of cache).
+
+Ours (unscale + overflow check + sum of squares in one pass) against torch's unscale alone, and against torch's
+unscale followed by the norm a user needs for clipping (torch._foreach_norm, as clip_grad_norm_ does it); GB/s
+from the bytes the op must move (read 2 B + write 2 B per element) against a streaming ceiling with the same
+in-place mix at the same size, measured in the same run.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import mixprec
+from mixprec import _ext
+from mixprec.benchmarks.ceiling import cpu_stream_gbps, cuda_copy_gbps
+from mixprec.benchmarks.rows import row
+from mixprec.benchmarks.timing import measure, measure_gpu, reduced
+
+OP = "unscale_and_check_"
+
+
+def gpt2_grad_shapes(vocab: int = 50257, context: int = 1024, width: int = 768, layers: int = 12) -> list[tuple]:
+    """Parameter shapes of GPT-2 (Hugging Face layout: Conv1D weights are in x out), in model order."""
+    ln = [(width,), (width,)]
+    block = [*ln, (width, 3 * width), (3 * width,), (width, width), (width,),  # ln_1, attn.c_attn, attn.c_proj
+             *ln, (width, 4 * width), (4 * width,), (4 * width, width), (width,)]  # ln_2, mlp.c_fc, mlp.c_proj
+    return [(vocab, width), (context, width), *block * layers, *ln]
+
+
+def _problem() -> tuple[list[tuple], str]:
+    if reduced():
+        shapes = gpt2_grad_shapes(vocab=1000, context=64, width=64, layers=2)
+        return shapes, "GPT-2-shaped, tiny"
+    return gpt2_grad_shapes(), "GPT-2 small"
+
+
+def _grads(shapes, device) -> list[torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [torch.randn(s, generator=gen, device=device, dtype=torch.float32).half() for s in shapes]
+
+
+def _contenders(grads, device):
+    """(name, fn(i)) of ours and the peers. Iteration i unscales by 2 or 1/2 in turn: exact in fp16, so the
+    values neither drift to inf nor to zero however many repeats run."""
+    inv_scales = [torch.tensor([s], device=device) for s in (2.0, 0.5)]
+    found_inf = torch.zeros(1, device=device)
+    norm_sq = torch.zeros(1, device=device)
+
+    def torch_unscale(i):
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scales[i % 2])
+
+    def torch_unscale_norm(i):
+        torch_unscale(i)
+        # what torch.nn.utils.clip_grad_norm_ computes before it clips
+        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+    def ours(backend):
+        return lambda i: mixprec.ops.unscale_and_check_(grads, inv_scales[i % 2], found_inf, norm_sq, backend=backend)
+
+    peers = {"torch unscale": torch_unscale, "torch unscale+foreach_norm": torch_unscale_norm}
+    return ours, peers
+
+
+def _run_cpu(quick: bool) -> list[dict]:
+    if not _ext.available():
+        raise RuntimeError(f"mixprec._C is not built ({_ext.LOAD_ERROR})")
+    shapes, label = _problem()
+    grads = _grads(shapes, "cpu")
+    n = sum(g.numel() for g in grads)
+    repeats, min_time_s = (3, 0.0) if reduced() else (10, 0.0) if quick else (40, 3.0)
+    # note: no buffer rotation: 249 MB is eight times the 32 MB L3 already, and a second copy would cost
+    # another 249 MB of RAM shared with the other engineers' builds.
+    time = lambda fn: measure(fn, repeats=repeats, min_time_s=min_time_s)  # noqa: E731
+    ours, peers = _contenders(grads, "cpu")
+    ceiling = cpu_stream_gbps(2 * n, 2 * n, quick=quick)
+    return [row(op=OP, backend="cpu", device="cpu", shape=f"{label}: {len(grads)} tensors, {n / 1e6:.1f}M",
+                dtype="float16", timing=time(ours("cpu")), unit="GB/s", work=4 * n, ceiling=ceiling.gbps,
+                peers={name: time(fn) for name, fn in peers.items()},
+                notes=f"with norm_sq; ceiling: in-place stream, IQR {ceiling.timing.q25_ms:.3g}-"
+                      f"{ceiling.timing.q75_ms:.3g} ms")]
+
+
+def _run_cuda(quick: bool) -> list[dict]:
+    shapes, label = _problem()
+    grads = _grads(shapes, "cuda")
+    n = sum(g.numel() for g in grads)
+    ours, peers = _contenders(grads, "cuda")
+    # do_bench calls fn() without an argument; the alternating scale is kept by a counter.
+    counter = iter(range(1 << 62))
+    time = lambda fn: measure_gpu(lambda: fn(next(counter)), quick=quick)  # noqa: E731
+    ceiling = cuda_copy_gbps(2 * n, 2 * n, quick=quick)
+    peer_timings = {name: time(fn) for name, fn in peers.items()}
+    backends = (["cuda"] if _ext.has_cuda_kernels() else []) + (["triton"] if mixprec._backend.triton_available() else [])
+    return [row(op=OP, backend=b, device="cuda", shape=f"{label}: {len(grads)} tensors, {n / 1e6:.1f}M",
+                dtype="float16", timing=time(ours(b)), unit="GB/s", work=4 * n, ceiling=ceiling.gbps,
+                peers=peer_timings, notes="with norm_sq; ceiling: device-to-device copy of the same bytes")
+            for b in backends]
+
+
+def run(quick: bool, device: str) -> list[dict]:
+    if device == "cpu":
+        return _run_cpu(quick)
+    if device == "cuda":
+        return _run_cuda(quick)
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+if __name__ == "__main__":
+    for r in run(quick=True, device="cpu"):
+        print(r, {k: f"{r['median_ms'] and v / r['median_ms']:.2f}x" for k, v in r["peers"].items()},
+              f"{100 * r['value'] / r['ceiling']:.0f}% of ceiling" if r["ceiling"] and math.isfinite(r["ceiling"]) else "")
