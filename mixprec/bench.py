@@ -110,7 +110,8 @@ class Progress:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.stream.write("\n")
+        if self.stream.isatty():
+            self.stream.write("\n")
         self.stream.flush()
 
     def begin(self, label: str) -> None:
@@ -122,10 +123,13 @@ class Progress:
         with self._lock:
             self.done += 1
             elapsed = time.monotonic() - self.start
-            self.stream.write(f"\r{' ' * 100}\r  {status:<4} {self.label} ({elapsed:.1f} s)\n")
+            erase = f"\r{' ' * 100}\r" if self.stream.isatty() else ""
+            self.stream.write(f"{erase}  {status:<4} {self.label} ({elapsed:.1f} s)\n")
         self._draw()
 
     def _draw(self) -> None:
+        if not self.stream.isatty():  # a log file gets the one line per finished script only
+            return
         with self._lock:
             filled = self.width * self.done // max(1, self.total)
             now = f" {self.label} {time.monotonic() - self.start:5.1f} s" if self.done < self.total else ""
@@ -236,6 +240,7 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("note: matplotlib is not installed (pip install mixprec[bench]); no plots written", file=sys.stderr)
         return []
@@ -244,10 +249,15 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str]:
     if ratios:
         fig, ax = plt.subplots(figsize=(9, 0.45 * len(ratios) + 1.5))
         labels, values = zip(*ratios)
-        ax.barh(range(len(values)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+        # bars grow from 1x (parity) to the ratio, so slower-than-peer bars point left on the log axis
+        ax.barh(range(len(values)), [v - 1 for v in values], left=1,
+                color=["tab:green" if v >= 1 else "tab:red" for v in values])
+        ax.set_xlim(min(0.5, min(values) / 1.5), max(2.0, max(values) * 1.5))
         ax.set_yticks(range(len(values)), labels, fontsize=8)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("speed-up of mixprec over the peer (peer median / ours; > 1 is faster)")
         for i, v in enumerate(values):
             ax.text(v, i, f" {v:.2f}x", va="center", fontsize=8)
