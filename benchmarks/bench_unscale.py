@@ -12,7 +12,7 @@ import math
 import torch
 
 import mixprec
-from mixprec import _ext
+from mixprec import _backend, _ext
 from mixprec.benchmarks.ceiling import cpu_stream_gbps, cuda_copy_gbps
 from mixprec.benchmarks.rows import row
 from mixprec.benchmarks.timing import measure, measure_gpu, reduced
@@ -91,7 +91,7 @@ def _run_cuda(quick: bool) -> list[dict]:
     time = lambda fn: measure_gpu(lambda: fn(next(counter)), quick=quick)  # noqa: E731
     ceiling = cuda_copy_gbps(2 * n, 2 * n, quick=quick)
     peer_timings = {name: time(fn) for name, fn in peers.items()}
-    backends = (["cuda"] if _ext.has_cuda_kernels() else []) + (["triton"] if mixprec._backend.triton_available() else [])
+    backends = (["cuda"] if _ext.has_cuda_kernels() else []) + (["triton"] if _backend.triton_available() else [])
     return [row(op=OP, backend=b, device="cuda", shape=f"{label}: {len(grads)} tensors, {n / 1e6:.1f}M",
                 dtype="float16", timing=time(ours(b)), unit="GB/s", work=4 * n, ceiling=ceiling.gbps,
                 peers=peer_timings, notes="with norm_sq; ceiling: device-to-device copy of the same bytes")

@@ -201,34 +201,38 @@ def _report(source, module, kernel, config, arch, res: KernelResources, threads,
                         res.local_bytes, smem, occ, limiter, res.hmma, res.hgmma, notes)
 
 
-def triton_reports(archs=ARCHS) -> list[KernelReport]:
-    """Compiles every kernels/*.py AOT_SPECS entry for each arch and reads the cubin."""
+def compile_spec(spec: dict, arch: int, where: str = "") -> KernelReport:
+    """Compiles one AOT_SPECS entry for sm_<arch> and reads its cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    reports = []
+    fn = spec["kernel"]
+    if not hasattr(fn, "arg_names") or type(fn).__name__ == "InterpretedFunction":
+        raise RuntimeError(f"{where}: {spec['config']}: the kernel is not a compilable @triton.jit function "
+                           "(unset TRITON_INTERPRET to inspect)")
+    sig = spec["signature"]
+    aligned = spec.get("aligned", [a for a, t in sig.items() if t.startswith("*")])
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=fn, signature=sig, constexprs=spec.get("constexprs", {}), attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.get("options", {}))
     with tempfile.TemporaryDirectory() as tmp:
-        for module_name in kernel_modules():
-            module = importlib.import_module(f"mixprec.kernels.{module_name}")
-            for spec in getattr(module, "AOT_SPECS", []):
-                fn = spec["kernel"]
-                if not hasattr(fn, "arg_names") or type(fn).__name__ == "InterpretedFunction":
-                    raise RuntimeError(f"kernels/{module_name}.py: {spec['config']}: the kernel is not a compilable "
-                                       "@triton.jit function (unset TRITON_INTERPRET to inspect)")
-                sig = spec["signature"]
-                aligned = spec.get("aligned", [a for a, t in sig.items() if t.startswith("*")])
-                attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-                for arch in archs:
-                    src = ASTSource(fn=fn, signature=sig, constexprs=spec.get("constexprs", {}), attrs=attrs)
-                    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.get("options", {}))
-                    path = os.path.join(tmp, f"{module_name}_{arch}.cubin")
-                    with open(path, "wb") as f:
-                        f.write(compiled.asm["cubin"])
-                    res = read_cubin(path)[compiled.metadata.name]
-                    threads = compiled.metadata.num_warps * 32 * compiled.metadata.num_ctas
-                    reports.append(_report("triton", f"kernels/{module_name}.py", fn.__name__, spec["config"], arch,
-                                           res, threads, dynamic_smem=compiled.metadata.shared))
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        res = read_cubin(path)[compiled.metadata.name]
+    threads = compiled.metadata.num_warps * 32 * compiled.metadata.num_ctas
+    return _report("triton", where, fn.__name__, spec["config"], arch, res, threads,
+                   dynamic_smem=compiled.metadata.shared)
+
+
+def triton_reports(archs=ARCHS) -> list[KernelReport]:
+    """Every kernels/*.py AOT_SPECS entry, compiled for each arch."""
+    reports = []
+    for module_name in kernel_modules():
+        module = importlib.import_module(f"mixprec.kernels.{module_name}")
+        for spec in getattr(module, "AOT_SPECS", []):
+            reports += [compile_spec(spec, arch, f"kernels/{module_name}.py") for arch in archs]
     return reports
 
 

@@ -107,6 +107,9 @@ def test_bench_reduced_writes_well_formed_results(bench_run):
     assert "machine:" in proc.stdout and "torch unscale+foreach_norm" in proc.stdout
     text = md.read_text()
     assert "python -m mixprec bench --reduced" in text and "| unscale_and_check_ |" in text
+    # BENCHMARKS.md can be re-rendered from the JSON alone, without running anything
+    again = _python("bench", "--from-json", str(out / "results.json"), "--update-benchmarks-md", str(out / "again.md"))
+    assert again.returncode == 0 and (out / "again.md").read_text() == text
 
 
 def test_bench_failing_script_is_reported_not_fatal(tmp_path, monkeypatch):
@@ -174,6 +177,18 @@ def test_inspect_roofline_is_a_labelled_prediction(inspect_json):
     a100 = next(r for r in rows if r["gpu"] == "A100")
     assert a100["predicted_gbps"] == pytest.approx(2000)  # memory-bound: exactly the published bandwidth
     assert "prediction" in inspect_json["prediction_note"]
+
+
+def test_inspect_counts_tensor_core_instructions():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "aot_dot_kernel.py")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    by_arch = json.loads(proc.stdout)
+    # 64x64x64 fp16 dot on 4 warps: 128 mma.m16n8k16 per block, 32 per warp; on sm_90 wgmma 64x64x16, 4 of them
+    assert by_arch["80"]["hmma"] == 32 and by_arch["80"]["hgmma"] == 0
+    assert by_arch["90"]["hgmma"] > 0 and by_arch["90"]["hmma"] == 0
+    assert all(r["spills"] == 0 and r["smem_bytes"] > 0 for r in by_arch.values())
 
 
 def test_inspect_occupancy_estimate():
