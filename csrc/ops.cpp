@@ -1,6 +1,5 @@
 // The one operator library of mixprec: every schema lives here; kernels register per dispatch key beside
 // their sources (cpu/, cuda/), fake implementations in Python (mixprec/ops/).
-#include <Python.h>
 #include <torch/library.h>
 
 #include <string>
@@ -31,8 +30,13 @@ TORCH_LIBRARY(mixprec, m) {
 
 }  // namespace mixprec
 
-// `import mixprec._C` loads this shared library, which runs the registrations above; the module itself is empty.
+#ifdef MIXPREC_PYTHON_MODULE
+// `import mixprec._C` loads this shared library, which runs the registrations above; the module itself is
+// empty. The CMake build (a plain C++ library for libtorch users) leaves it out.
+#include <Python.h>
+
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+#endif  // MIXPREC_PYTHON_MODULE
