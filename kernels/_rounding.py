@@ -1,33 +1,42 @@
-"""Rounding fp32 values to a storage dtype inside Triton kernels, shared by every kernel in this package.
+"""Conversions between fp32 and the storage dtypes in Triton, identical compiled and under the interpreter.
 
-note: why a bit trick for bf16. On a GPU ``x.to(tl.bfloat16)`` compiles to ``cvt.rn.bf16.f32`` (round to
-nearest even), but triton 3.8's interpreter (TRITON_INTERPRET=1, which the tests use on CPU tensors) converts
-fp32 -> bf16 by dropping the low 16 bits, i.e. it truncates. Rounding on the integer bits gives the same
-result as the hardware instruction for every non-NaN input, in both modes, so the tests check what the GPU
-computes. The cost (a handful of integer ops per stored element) only matters in epilogues, where it is
-negligible next to the loads. fp16 needs no trick: both the GPU and the interpreter (numpy ``astype``) round
-fp32 -> fp16 to nearest even.
+note: triton 3.8's interpreter truncates fp32 -> bf16 casts instead of rounding to nearest even, and widens
+bf16 subnormals to wrong fp32 values (1e-39 came back as 4.4e-39); so bf16 is converted here on the bits,
+the same arithmetic as csrc/include/mixprec/rounding.h (exact, and as cheap as the cast when compiled).
+fp16 casts round to nearest even both compiled (cvt.rn) and interpreted (numpy): they use the plain cast.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def fp32_to_bf16_rne(x):
-    """Round fp32 ``x`` to bf16, nearest even; NaN stays a (quiet) NaN with its sign, inf stays inf."""
+def float_to_bf16_rne(x):
     u = x.to(tl.uint32, bitcast=True)
-    is_nan = (u & 0x7FFFFFFF) > 0x7F800000
-    # bf16 is the top half of an fp32: add half an ulp, minus one when the kept lsb is even, and truncate.
-    # No overflow: the largest non-NaN pattern, 0xff800000 (-inf), plus 0x8000 stays below 2^32.
     rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    bits = tl.where(is_nan, (u >> 16) | 0x40, rounded)
+    is_nan = (u & 0x7FFFFFFF) > 0x7F800000
+    bits = tl.where(is_nan, (u >> 16) | 0x40, rounded)  # NaN stays a quiet NaN with its sign
     return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
+def to_float32(x):
+    """Exact widening of a loaded fp32 / fp16 / bf16 value to fp32."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def round_to(x, dtype: tl.constexpr):
-    """Round fp32 ``x`` once to ``dtype`` (fp16, bf16 or fp32) with round-to-nearest-even."""
+    """fp32 x rounded to nearest even in `dtype` (fp32, fp16 or bf16)."""
     if dtype == tl.bfloat16:
-        return fp32_to_bf16_rne(x)
+        return float_to_bf16_rne(x)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def is_nonfinite(x):
+    """inf or NaN: all exponent bits set (x in fp32)."""
+    return (x.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000

@@ -1,0 +1,36 @@
+# One entry point for the README's two commands. Everything is installed from this repo's files into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CMAKE_BUILD ?= cmake-build
+BENCH_OUT ?= bench-results
+
+.PHONY: setup build test test-python test-cpp bench clean
+
+setup: $(VENV)/.deps-installed
+
+$(VENV)/.deps-installed: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# The extension (CPU and, when a toolkit is found, CUDA parts), installed editable into the venv.
+build: setup
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test-python: build
+	$(PY) -m pytest -q
+
+# The same csrc/ built with CMake against the pip torch, and its C++ tests.
+test-cpp: setup
+	$(PY) tools/cmake_build.py --build-dir $(CMAKE_BUILD)
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+test: test-cpp test-python
+
+bench: build
+	$(PY) -m mixprec bench --quick --output $(BENCH_OUT)
+
+clean:
+	rm -rf build $(CMAKE_BUILD) mixprec/*.so *.egg-info

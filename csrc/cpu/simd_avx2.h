@@ -1,0 +1,62 @@
+// AVX2 load/store of 8 lanes of fp32 / fp16 / bf16, shared by the CPU kernels.
+// Include only from torch-free kernel files; every function carries the avx2 target attribute, so the
+// rest of the translation unit stays portable x86-64.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "mixprec/common.h"
+
+#define MIXPREC_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace mixprec::avx2 {
+
+template <DType T>
+MIXPREC_AVX2 inline __m256 load8(const void* p) {
+  if constexpr (T == DType::Float32) {
+    return _mm256_loadu_ps(static_cast<const float*>(p));
+  } else if constexpr (T == DType::Float16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+  } else {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+}
+
+// Round to nearest even into the storage type; same bits as mixprec/rounding.h for every input
+// (NaN stays a quiet NaN with its sign; F16C's vcvtps2ph is IEEE RNE with subnormal results).
+template <DType T>
+MIXPREC_AVX2 inline void store8(void* p, __m256 v) {
+  if constexpr (T == DType::Float32) {
+    _mm256_storeu_ps(static_cast<float*>(p), v);
+  } else if constexpr (T == DType::Float16) {
+    _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    const __m256 is_nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    const __m256i bits = _mm256_blendv_epi8(rounded, quiet_nan, _mm256_castps_si256(is_nan));
+    // values are < 2^16, so the signed->unsigned saturating pack is exact; it interleaves 128-bit lanes,
+    // which the permute undoes.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0b1000);
+    _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+}
+
+// All-ones lanes where the value is inf or NaN.
+MIXPREC_AVX2 inline __m256 nonfinite_mask(__m256 v) {
+  const __m256i exp_mask = _mm256_set1_epi32(0x7f800000);
+  const __m256i e = _mm256_and_si256(_mm256_castps_si256(v), exp_mask);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(e, exp_mask));
+}
+
+MIXPREC_AVX2 inline float hsum(__m256 v) {
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+}  // namespace mixprec::avx2

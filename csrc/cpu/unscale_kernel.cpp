@@ -1,0 +1,65 @@
+#include "unscale_kernel.h"
+
+#include "mixprec/unscale_math.h"
+#include "simd_avx2.h"
+
+namespace mixprec::cpu {
+namespace {
+
+template <DType T>
+UnscaleBlockResult unscale_portable(void* data, int64_t n, float inv_scale) {
+  // note: four independent partial sums, combined in a fixed order, so the result does not depend on how
+  // the compiler schedules the loop and the loop is not one long dependency chain.
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  bool nonfinite = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = load_as_float<T>(data, i);
+    nonfinite |= is_nonfinite(g);
+    const float u = unscale_value(g, inv_scale);
+    store_from_float<T>(data, i, u);
+    acc[i & 3] += u * u;
+  }
+  return {(acc[0] + acc[1]) + (acc[2] + acc[3]), nonfinite};
+}
+
+template <DType T>
+MIXPREC_AVX2 UnscaleBlockResult unscale_avx2(void* data, int64_t n, float inv_scale) {
+  using namespace avx2;
+  char* bytes = static_cast<char*>(data);
+  constexpr int kSize = T == DType::Float32 ? 4 : 2;
+  const __m256 inv = _mm256_set1_ps(inv_scale);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 bad = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {  // two vectors per iteration: two independent FMA chains
+    const __m256 g0 = load8<T>(bytes + i * kSize);
+    const __m256 g1 = load8<T>(bytes + (i + 8) * kSize);
+    bad = _mm256_or_ps(bad, _mm256_or_ps(nonfinite_mask(g0), nonfinite_mask(g1)));
+    const __m256 u0 = _mm256_mul_ps(g0, inv);
+    const __m256 u1 = _mm256_mul_ps(g1, inv);
+    store8<T>(bytes + i * kSize, u0);
+    store8<T>(bytes + (i + 8) * kSize, u1);
+    acc0 = _mm256_fmadd_ps(u0, u0, acc0);
+    acc1 = _mm256_fmadd_ps(u1, u1, acc1);
+  }
+  UnscaleBlockResult tail = unscale_portable<T>(bytes + i * kSize, n - i, inv_scale);
+  return {hsum(_mm256_add_ps(acc0, acc1)) + tail.sum_sq, tail.nonfinite || _mm256_movemask_ps(bad) != 0};
+}
+
+template <DType T>
+UnscaleBlockResult unscale_dispatch(void* data, int64_t n, float inv_scale, bool use_avx2) {
+  return use_avx2 ? unscale_avx2<T>(data, n, inv_scale) : unscale_portable<T>(data, n, inv_scale);
+}
+
+}  // namespace
+
+UnscaleBlockResult unscale_block(void* data, int64_t n, DType dtype, float inv_scale, bool use_avx2) {
+  switch (dtype) {
+    case DType::Float32: return unscale_dispatch<DType::Float32>(data, n, inv_scale, use_avx2);
+    case DType::Float16: return unscale_dispatch<DType::Float16>(data, n, inv_scale, use_avx2);
+    case DType::BFloat16: return unscale_dispatch<DType::BFloat16>(data, n, inv_scale, use_avx2);
+  }
+  return {0.f, false};
+}
+
+}  // namespace mixprec::cpu

@@ -1,0 +1,80 @@
+#include "multi_tensor.cuh"
+#include "mixprec/unscale_math.h"
+#include "unscale_kernel.h"
+
+namespace mixprec::cuda {
+namespace {
+
+constexpr int kThreads = 512;
+
+// Unscale one element in place; returns its square and raises bad on inf/NaN.
+template <DType T>
+__device__ __forceinline__ float unscale_one(void* base, int64_t i, float inv, bool& bad) {
+  const float g = load_as_float<T>(base, i);
+  bad |= is_nonfinite(g);
+  const float u = unscale_value(g, inv);
+  store_from_float<T>(base, i, u);
+  return u * u;
+}
+
+template <DType T>
+__global__ void __launch_bounds__(kThreads) unscale_kernel(TensorListMeta<1> meta, const float* __restrict__ inv_scale,
+                                                           float* __restrict__ found_inf, float* __restrict__ partials,
+                                                           float* __restrict__ per_tensor_inf) {
+  const int slot = meta.block_tensor[blockIdx.x];
+  void* base = meta.addr[0][slot];
+  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunkSize;
+  const int64_t end = min(meta.numel[slot], begin + kChunkSize);
+  const float inv = *inv_scale;
+  float acc = 0.f;
+  bool bad = false;
+
+  // 16-byte vectors when the tensor is 16-byte aligned (chunk starts then are too: kChunkSize * size % 16 == 0).
+  constexpr int kVec = 16 / (T == DType::Float32 ? 4 : 2);
+  int64_t i = begin;
+  if (reinterpret_cast<uintptr_t>(base) % 16 == 0) {
+    const int64_t vec_end = begin + (end - begin) / kVec * kVec;
+    for (int64_t v = begin + threadIdx.x * kVec; v < vec_end; v += kThreads * kVec) {
+      uint4 packed = *reinterpret_cast<const uint4*>(static_cast<char*>(base) + v * (16 / kVec));
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) acc += unscale_one<T>(&packed, k, inv, bad);
+      *reinterpret_cast<uint4*>(static_cast<char*>(base) + v * (16 / kVec)) = packed;
+    }
+    i = vec_end;
+  }
+  for (int64_t j = i + threadIdx.x; j < end; j += kThreads) acc += unscale_one<T>(base, j, inv, bad);
+
+  if (partials != nullptr) {
+    const float block_total = block_sum<kThreads>(acc);
+    if (threadIdx.x == 0) partials[meta.first_block + blockIdx.x] = block_total;
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0) {
+    *found_inf = 1.f;  // benign race: every writer writes the same value
+    if (per_tensor_inf != nullptr) per_tensor_inf[meta.list_index[slot]] = 1.f;
+  }
+}
+
+}  // namespace
+
+int64_t launch_unscale(DType dtype, int64_t n_tensors, void* const* addrs, const int64_t* numels,
+                       const int32_t* list_index, int64_t first_block, const float* inv_scale, float* found_inf,
+                       float* partials, float* per_tensor_inf, cudaStream_t stream, cudaError_t* err) {
+  void* const* lists[1] = {addrs};
+  auto run = [&](auto kernel) {
+    return multi_tensor_apply<1>(
+        n_tensors, lists, numels, list_index, first_block,
+        [&](const TensorListMeta<1>& meta, int n_blocks) {
+          kernel<<<n_blocks, kThreads, 0, stream>>>(meta, inv_scale, found_inf, partials, per_tensor_inf);
+        },
+        err);
+  };
+  switch (dtype) {
+    case DType::Float32: return run(unscale_kernel<DType::Float32>);
+    case DType::Float16: return run(unscale_kernel<DType::Float16>);
+    case DType::BFloat16: return run(unscale_kernel<DType::BFloat16>);
+  }
+  *err = cudaErrorInvalidValue;
+  return first_block;
+}
+
+}  // namespace mixprec::cuda

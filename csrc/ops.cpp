@@ -1,0 +1,38 @@
+// The one operator library of mixprec: every schema lives here; kernels register per dispatch key beside
+// their sources (cpu/, cuda/), fake implementations in Python (mixprec/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace mixprec {
+namespace {
+
+// What this binary was built with, for `python -m mixprec info`. MIXPREC_CUDA_ARCHS is set by setup.py / CMake.
+std::string build_info() {
+  std::string info = "{\"cpu\": true";
+#ifdef MIXPREC_WITH_CUDA
+  info += ", \"cuda\": true, \"cuda_archs\": \"" MIXPREC_CUDA_ARCHS "\"";
+#else
+  info += ", \"cuda\": false, \"cuda_archs\": \"\"";
+#endif
+  return info + "}";
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mixprec, m) {
+  m.def("build_info() -> str", &build_info);
+  // found_inf is only ever set to 1.0, never reset: the caller zeroes it once per step.
+  m.def(
+      "unscale_and_check_(Tensor(a!)[] grads, Tensor inv_scale, Tensor(b!) found_inf, Tensor(c!)? norm_sq=None, "
+      "Tensor(d!)? per_tensor_inf=None) -> ()");
+}
+
+}  // namespace mixprec
+
+// `import mixprec._C` loads this shared library, which runs the registrations above; the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

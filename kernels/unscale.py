@@ -1,0 +1,48 @@
+"""Triton unscale + overflow check + sum of squares: the semantics of mixprec.reference.unscale_and_check_."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._rounding import is_nonfinite, round_to, to_float32
+
+# note: 4K elements per program: 8-16 KB of traffic each, enough to keep loads in flight; the per-program
+# partial sums are added in a fixed order afterwards, so norm_sq is deterministic.
+BLOCK = 4096
+
+
+@triton.jit
+def _unscale_kernel(g_ptr, n, inv_scale_ptr, found_inf_ptr, tensor_flag_ptr, partial_ptr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = to_float32(tl.load(g_ptr + offs, mask=mask, other=0.0))
+    inv = tl.load(inv_scale_ptr)
+    unscaled = g * inv
+    tl.store(g_ptr + offs, round_to(unscaled, g_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_ptr + pid, tl.sum(unscaled * unscaled, axis=0))
+    n_bad = tl.sum((is_nonfinite(g) & mask).to(tl.int32), axis=0)
+    if n_bad > 0:
+        tl.store(found_inf_ptr, 1.0)
+        tl.store(tensor_flag_ptr, 1.0)
+
+
+def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, per_tensor_inf=None):
+    """Launches one program grid per tensor; arguments are validated by mixprec.ops."""
+    partials = []
+    device = found_inf.device
+    scratch_flag = torch.zeros(1, dtype=torch.float32, device=device)
+    for i, g in enumerate(grads):
+        if g is None or g.numel() == 0:
+            continue
+        n = g.numel()
+        n_programs = triton.cdiv(n, BLOCK)
+        partial = torch.empty(n_programs, dtype=torch.float32, device=device)
+        flag = per_tensor_inf[i:i + 1] if per_tensor_inf is not None else scratch_flag
+        # A dense (possibly permuted) tensor is walked over its storage: as_strided keeps the same memory.
+        flat = g if g.is_contiguous() else g.as_strided((n,), (1,))
+        _unscale_kernel[(n_programs,)](flat, n, inv_scale, found_inf, flag, partial, BLOCK=BLOCK)
+        partials.append(partial)
+    if norm_sq is not None and partials:
+        norm_sq.add_(torch.cat(partials).sum())

@@ -1,0 +1,4 @@
+"""The public functional API of mixprec's kernels. Each op takes backend="auto"|"cuda"|"triton"|"cpu"|"reference"."""
+from mixprec.ops.unscale import unscale_and_check_
+
+__all__ = ["unscale_and_check_"]

@@ -1,0 +1,63 @@
+"""Argument checks shared by the public ops: each error names the argument."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor_list(name: str, tensors, *, dtypes=FLOAT_DTYPES, allow_none: bool = False) -> list:
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(tensors).__name__}")
+    for i, t in enumerate(tensors):
+        if t is None and allow_none:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name}[{i}] must be a dense tensor, got layout {t.layout} (sparse gradients are not supported)")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name}[{i}] must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    return list(tensors)
+
+
+def common_device(name: str, tensors) -> torch.device | None:
+    """The one device all tensors are on (None for an empty list); a clear error otherwise."""
+    device = None
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(f"{name}[{i}] is on {t.device}, but {name}[0] is on {device}: all must share one device")
+    return device
+
+
+def check_scalar(name: str, t, device: torch.device, dtype=torch.float32) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a one-element {dtype} tensor, got {type(t).__name__}")
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have exactly one element, got shape {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} (the tensors' device), got {t.device}")
+
+
+def check_dense(name: str, t: torch.Tensor) -> None:
+    """Element-wise kernels walk storage linearly: any non-overlapping dense layout works (channels_last too)."""
+    if not t.is_contiguous() and not is_non_overlapping_and_dense(t):
+        raise ValueError(f"{name} must be non-overlapping and dense (e.g. contiguous); call .contiguous() first")
+
+
+def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """Its elements fill a contiguous range of storage exactly once, in some dimension order."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors under the interpreter; it must be on before any kernel is decorated.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["avx2", "portable"])
+def cpu_simd(request, monkeypatch):
+    """Runs a CPU-kernel test with the AVX2 kernels and again with the portable ones."""
+    from mixprec.info import cpu_flags
+
+    if request.param == "avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
+        pytest.skip("CPU lacks AVX2/FMA/F16C")
+    monkeypatch.setenv("MIXPREC_CPU_SIMD", "1" if request.param == "avx2" else "0")
+    return request.param
