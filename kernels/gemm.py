@@ -6,7 +6,8 @@ Three layers, as every Triton op here: the private ``@triton.jit`` kernel ``_gem
 note: bf16 under the interpreter. triton 3.8's interpreter stores bf16 as raw uint16 and its ``tl.dot`` calls
 ``np.matmul`` on those arrays, so a bf16 ``tl.dot`` multiplies the *bit patterns* as integers (results of 1e10
 or inf). Under TRITON_INTERPRET=1 (and only there) the kernel widens bf16 tiles to fp32 before ``tl.dot``.
-Widening bf16 -> fp32 is exact and the interpreter's fp32 ``np.matmul`` accumulates in fp32, so the result is
+Widening bf16 -> fp32 is exact (done on the bits by _rounding.to_float32: the interpreter's own bf16 -> fp32
+cast gets subnormals wrong) and the interpreter's fp32 ``np.matmul`` accumulates in fp32, so the result is
 the same math the tensor cores do (exact products, fp32 sums) up to summation order. On a GPU the widening would
 change the instruction (tf32/fp32 mma instead of bf16 mma), which is why it is keyed on interpret mode. fp16
 ``tl.dot`` is correct in the interpreter and is left alone.
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rounding import round_to
+from ._rounding import round_to, to_float32
 
 
 def interpreting() -> bool:
@@ -85,8 +86,8 @@ def _gemm_kernel(
         a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
         if UPCAST_DOT:  # interpreter only, see the module note
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+            a = to_float32(a)
+            b = to_float32(b)
         acc = tl.dot(a, b, acc, out_dtype=tl.float32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -95,7 +96,7 @@ def _gemm_kernel(
     c_ptrs = c_ptr + batch * stride_cb + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     mask_c = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += to_float32(tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0))[None, :]
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=mask_c, other=0.0)
     tl.store(c_ptrs, round_to(acc, c_ptr.dtype.element_ty), mask=mask_c)

@@ -28,6 +28,7 @@
 #include <type_traits>
 
 namespace mixprec {
+namespace cuda {
 namespace {
 
 constexpr int kBM = 128, kBN = 128, kBK = 32;
@@ -160,24 +161,28 @@ struct TileLoader<T, K_CONTIG, true, MN> {
 };
 
 // Element by element with bounds checks, for any strides and alignment; synchronous stores to shared memory.
+// Elements are moved as raw 16-bit patterns (torch builds with __CUDA_NO_HALF_CONVERSIONS__, and no arithmetic
+// happens here anyway).
 template <typename T, bool K_CONTIG, int MN>
 struct TileLoader<T, K_CONTIG, false, MN> {
   using Tile = SmemTile<K_CONTIG, MN>;
-  const T* g;
+  static_assert(sizeof(T) == sizeof(uint16_t), "16-bit operands");
+  const uint16_t* g;
   int64_t stride_mn, stride_k, mn0, mn_ext;
   int tid;
 
   __device__ __forceinline__ TileLoader(const T* g_, int64_t smn, int64_t sk, int64_t mn0_, int64_t ext, int tid_)
-      : g(g_), stride_mn(smn), stride_k(sk), mn0(mn0_), mn_ext(ext), tid(tid_) {}
+      : g(reinterpret_cast<const uint16_t*>(g_)), stride_mn(smn), stride_k(sk), mn0(mn0_), mn_ext(ext), tid(tid_) {}
 
   __device__ __forceinline__ void load(T* tile, int kt, int64_t K) const {
+    uint16_t* t = reinterpret_cast<uint16_t*>(tile);
     const int64_t k0 = int64_t(kt) * kBK;
-#pragma unroll 4
+#pragma unroll 2
     for (int e = tid; e < MN * kBK; e += kThreads) {
       const int mn = K_CONTIG ? e / kBK : e % MN;
       const int k = K_CONTIG ? e % kBK : e / MN;
       const bool valid = mn0 + mn < mn_ext && k0 + k < K;
-      tile[Tile::offset(mn, k)] = valid ? g[(mn0 + mn) * stride_mn + (k0 + k) * stride_k] : T(0.0f);
+      t[Tile::offset(mn, k)] = valid ? g[(mn0 + mn) * stride_mn + (k0 + k) * stride_k] : uint16_t(0);
     }
   }
 };
@@ -350,4 +355,5 @@ cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
+}  // namespace cuda
 }  // namespace mixprec

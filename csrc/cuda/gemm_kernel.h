@@ -8,6 +8,7 @@
 #include "mixprec/common.h"
 
 namespace mixprec {
+namespace cuda {
 
 struct GemmParams {
   DType ab_dtype;     // Float16 or BFloat16: the dtype of a and b
@@ -28,4 +29,5 @@ struct GemmParams {
 // contiguous dimension and the base pointers suited to 16-byte chunks; a slower element-wise path otherwise.
 cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream);
 
+}  // namespace cuda
 }  // namespace mixprec
