@@ -30,16 +30,14 @@ def _configs():
         # note: one config under the interpreter. Autotuning there would run every config on every new shape
         # (minutes of numpy); large tiles also mean fewer interpreted programs, which is what costs time.
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
-    # A small set covering large square GEMMs (128x256 / 256x128 tiles, deep pipelines for sm_90's wgmma and
-    # sm_80's mma.sync) and skinny LLM shapes (64-wide tiles when M or N is small).
+    # Only configs whose sm_80 and sm_90 builds are spill-free (tests/test_gemm_static.py checks every one):
+    # 128x128 tiles for large GEMMs, 64-row tiles for skinny LLM shapes (few tokens). note: 128x256 / 256x128
+    # tiles (what Hopper wants for peak) spill with this kernel in triton 3.8 and were left out; see the README.
     cfg = [
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 128, 64, 4, 4),
-        (128, 128, 32, 4, 4),
-        (128, 64, 32, 4, 4),
-        (64, 128, 32, 4, 4),
-        (64, 64, 64, 3, 4),
+        (128, 128, 64, 4, 8),
+        (128, 128, 64, 3, 8),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
     ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
@@ -71,20 +69,29 @@ def _gemm_kernel(
     pid_n = (pid % group_size) // rows_in_group
     batch = tl.program_id(1).to(tl.int64)
 
-    # int64 offsets: a batched activation can exceed 2^31 elements.
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # note: int64 where it matters. The tile's base offset is computed in int64 (a batched activation can exceed
+    # 2^31 elements); offsets inside a tile stay int32 (the launcher checks stride * block < 2^31), because a
+    # 64-bit offset per element doubles the registers of the pointer tensors and made the big configs spill.
+    a_ptr += batch * stride_ab + (pid_m * BLOCK_M).to(tl.int64) * stride_am
+    b_ptr += (pid_n * BLOCK_N).to(tl.int64) * stride_bn
+    c_ptr += batch * stride_cb + (pid_m * BLOCK_M).to(tl.int64) * stride_cm + (pid_n * BLOCK_N).to(tl.int64) * stride_cn
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + batch * stride_ab + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    # Rows and columns past the edge are clamped (wrapped) instead of masked: they load valid memory, only
+    # feed accumulators the store mask drops, and keep the loads free of per-row predicates. Only K is masked.
+    rm_load = (pid_m * BLOCK_M + rm) % M - pid_m * BLOCK_M
+    rn_load = (pid_n * BLOCK_N + rn) % N - pid_n * BLOCK_N
+    a_ptrs = a_ptr + rm_load[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn_load[None, :] * stride_bn
+    mask_m = pid_m * BLOCK_M + rm < M
+    mask_n = pid_n * BLOCK_N + rn < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_left = K - k0
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         if UPCAST_DOT:  # interpreter only, see the module note
             a = to_float32(a)
             b = to_float32(b)
@@ -93,10 +100,10 @@ def _gemm_kernel(
         b_ptrs += BLOCK_K * stride_bk
 
     # Epilogue in fp32, one rounding at the store.
-    c_ptrs = c_ptr + batch * stride_cb + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     mask_c = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
-        acc += to_float32(tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0))[None, :]
+        acc += to_float32(tl.load(bias_ptr + pid_n * BLOCK_N + rn, mask=mask_n, other=0.0))[None, :]
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=mask_c, other=0.0)
     tl.store(c_ptrs, round_to(acc, c_ptr.dtype.element_ty), mask=mask_c)
@@ -143,6 +150,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor
     if _foldable(a3) and _foldable(out3):
         a3, out3 = _fold(a3), _fold(out3)
     grid = lambda meta: (triton.cdiv(a3.shape[1], meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), a3.shape[0])
+    largest = max(abs(s) for s in (*a3.stride()[1:], *b.stride(), *out3.stride()[1:]))
+    if largest * 256 >= 2**31:  # see the note on int64 in the kernel
+        raise NotImplementedError(f"strides above {2**31 // 256} elements are not supported by the Triton GEMM")
     fn = _gemm_accumulate if accumulate else _gemm
     fn[grid](
         a3, b, out3, bias if bias is not None else out3,
