@@ -28,9 +28,7 @@ class Linear(torch.nn.Linear):
         new = cls.__new__(cls)
         torch.nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight = linear.weight
-        new.bias = linear.bias  # a Parameter or None; register_parameter semantics via Module.__setattr__
-        if linear.bias is None:
-            new.register_parameter("bias", None)
+        new.register_parameter("weight", linear.weight)
+        new.register_parameter("bias", linear.bias)  # None registers "no bias", as torch.nn.Linear does
         new.train(linear.training)
         return new
