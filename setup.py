@@ -34,7 +34,7 @@ def _want_cuda():
 def _extension():
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     # Portable x86-64 code; the AVX2 kernels carry their own target attribute and are picked at run time.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden", "-DMIXPREC_PYTHON_MODULE"]
     cpu_sources = _sources("*.cpp", "cpu/*.cpp")
     if not _want_cuda():
         return CppExtension("mixprec._C", cpu_sources, include_dirs=include_dirs,
@@ -42,7 +42,7 @@ def _extension():
     archs = ",".join("sm_" + a.replace(".", "").replace("+PTX", "")
                      for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";") if a)
     defines = ["-DMIXPREC_WITH_CUDA", f'-DMIXPREC_CUDA_ARCHS="{archs}"']
-    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension("mixprec._C", cpu_sources + _sources("cuda/*.cpp", "cuda/*.cu"),
                          include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},

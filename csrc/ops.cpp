@@ -1,6 +1,5 @@
 // The one operator library of mixprec: every schema lives here; kernels register per dispatch key beside
 // their sources (cpu/, cuda/), fake implementations in Python (mixprec/ops/).
-#include <Python.h>
 #include <torch/library.h>
 
 #include <string>
@@ -27,6 +26,10 @@ TORCH_LIBRARY(mixprec, m) {
   m.def(
       "unscale_and_check_(Tensor(a!)[] grads, Tensor inv_scale, Tensor(b!) found_inf, Tensor(c!)? norm_sq=None, "
       "Tensor(d!)? per_tensor_inf=None) -> ()");
+  // fp16/bf16 operands, fp32 accumulation, bias added in fp32, one rounding to out_dtype (default a's dtype).
+  m.def("matmul(Tensor a, Tensor b, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
+  // c (fp32) += a @ b: weight gradients straight into fp32 main grads.
+  m.def("matmul_accumulate_(Tensor(a!) c, Tensor a, Tensor b) -> ()");
   // Private: the CPU memory-bandwidth ceiling of the benchmarks (benchmarks/ceiling.py). Reads every byte of
   // `reads`, then writes every byte of `writes`; a tensor in both lists is streamed in place.
   m.def("_stream_bench_(Tensor[] reads, Tensor(a!)[] writes) -> ()");
@@ -34,8 +37,13 @@ TORCH_LIBRARY(mixprec, m) {
 
 }  // namespace mixprec
 
-// `import mixprec._C` loads this shared library, which runs the registrations above; the module itself is empty.
+#ifdef MIXPREC_PYTHON_MODULE
+// `import mixprec._C` loads this shared library, which runs the registrations above; the module itself is
+// empty. The CMake build (a plain C++ library for libtorch users) leaves it out.
+#include <Python.h>
+
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+#endif  // MIXPREC_PYTHON_MODULE

@@ -67,3 +67,163 @@ def test_matches_torch_bitwise(backend, dtype, n, specials):
         # fp32 accumulation: partial sums run over at most a few thousand terms, then a fixed tree; 1e-5
         # relative (~170 fp32 ulps) is well above that error bound and far below what any real bug gives.
         assert norm_sq.item() == pytest.approx(ref_norm, rel=1e-5, abs=0.0)
+
+
+def test_mixed_list_in_one_call(backend):
+    gen = torch.Generator().manual_seed(0)
+    sizes_dtypes = [(1000, torch.float16), (0, torch.float32), (129, torch.bfloat16), (70000, torch.float32),
+                    (7, torch.float16), (65536 * 2 + 3, torch.bfloat16)]
+    grads = [random_grad(n, d, generator=gen) for n, d in sizes_dtypes]
+    grads.insert(2, None)
+    grads[4][5] = float("nan")  # the 70000-element fp32 grad
+    original = [None if g is None else g.clone() for g in grads]
+    inv_scale, found_inf, norm_sq = _scalars(1 / 1024)
+    flags = torch.zeros(len(grads))
+    mixprec.ops.unscale_and_check_(grads, inv_scale, found_inf, norm_sq, per_tensor_inf=flags, backend=backend)
+    expected, _ = _torch_unscale([g for g in original if g is not None], inv_scale)
+    for got, want in zip([g for g in grads if g is not None], expected):
+        assert_bitwise_equal(got, want, f"{backend} {got.dtype} n={got.numel()}")
+    assert found_inf.item() == 1.0
+    assert flags.tolist() == [0, 0, 0, 0, 1, 0, 0]
+    assert not torch.isfinite(norm_sq).item()
+
+
+def test_found_inf_is_never_reset_and_norm_accumulates(backend):
+    grads = [torch.randn(100, dtype=torch.float16)]
+    inv_scale = torch.tensor([0.5])
+    found_inf, norm_sq = torch.ones(1), torch.tensor([10.0])
+    expected_norm = 10.0 + float((grads[0].float() * 0.5).double().square().sum())
+    mixprec.ops.unscale_and_check_(grads, inv_scale, found_inf, norm_sq, backend=backend)
+    assert found_inf.item() == 1.0
+    assert norm_sq.item() == pytest.approx(expected_norm, rel=1e-6)
+
+
+def test_norm_is_deterministic_across_thread_counts():
+    gen = torch.Generator().manual_seed(3)
+    base = [random_grad(n, torch.float16, generator=gen) for n in (1_000_000, 333_333, 5)]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 1, 2):
+            torch.set_num_threads(n_threads)
+            inv_scale, found_inf, norm_sq = _scalars(1 / 256)
+            mixprec.ops.unscale_and_check_([g.clone() for g in base], inv_scale, found_inf, norm_sq, backend="cpu")
+            results.append(norm_sq.view(torch.int32).item())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(set(results)) == 1, results
+
+
+def test_channels_last_grads_are_dense_enough(backend):
+    g = torch.randn(4, 3, 5, 6, dtype=torch.float16).to(memory_format=torch.channels_last)
+    expected, _ = _torch_unscale([g.contiguous()], torch.tensor([0.25]))
+    inv_scale, found_inf, norm_sq = _scalars(0.25)
+    mixprec.ops.unscale_and_check_([g], inv_scale, found_inf, norm_sq, backend=backend)
+    assert_bitwise_equal(g.contiguous(), expected[0], "channels_last")
+
+
+def test_empty_list_and_all_none_are_no_ops():
+    inv_scale, found_inf, norm_sq = _scalars()
+    mixprec.ops.unscale_and_check_([], inv_scale, found_inf, norm_sq)
+    mixprec.ops.unscale_and_check_([None, None], inv_scale, found_inf, norm_sq)
+    assert found_inf.item() == 0.0 and norm_sq.item() == 0.0
+
+
+@pytest.mark.parametrize("bad_call, match", [
+    (lambda g, i, f: mixprec.ops.unscale_and_check_([torch.ones(3, dtype=torch.int32)], i, f), r"grads\[0\] must have dtype"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_(g[0], i, f), "grads must be a list"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_(g, i.double(), f), "inv_scale must be torch.float32"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_(g, torch.ones(2), f), "inv_scale must have exactly one element"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_(g, i, f.to("meta")), "found_inf must be on cpu"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_(g + [torch.ones(2, device="meta")], i, f), r"grads\[1\] is on meta"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_([torch.ones(4, 4)[:, 0]], i, f), r"grads\[0\] must be non-overlapping"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_([torch.ones(4).to_sparse()], i, f), r"grads\[0\] must be a dense"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_(g, i, f, per_tensor_inf=torch.zeros(3)), "per_tensor_inf must be"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_(g, i, f, backend="gpu"), "backend must be one of"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_(g, i, f, backend="cuda"), "needs CUDA tensors"),
+])
+def test_bad_input_names_the_argument(bad_call, match):
+    grads = [torch.randn(8, dtype=torch.float16)]
+    before = grads[0].clone()
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=match):
+        bad_call(grads, torch.tensor([0.5]), torch.zeros(1))
+    assert_bitwise_equal(grads[0], before, "a refused call must not touch the grads")
+
+
+def test_extension_checks_arguments_too():
+    """Direct torch.ops callers bypass the Python checks; the C++ op refuses bad input itself."""
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must be float32, float16 or bfloat16"):
+        torch.ops.mixprec.unscale_and_check_([torch.ones(3, dtype=torch.int64)], torch.ones(1), torch.zeros(1))
+    with pytest.raises(RuntimeError, match="norm_sq must be float32"):
+        torch.ops.mixprec.unscale_and_check_([torch.ones(3)], torch.ones(1), torch.zeros(1), torch.zeros(1, dtype=torch.float64))
+
+
+def test_opcheck():
+    grads = [torch.randn(100, dtype=torch.float16), torch.randn(7, dtype=torch.bfloat16), torch.randn(33)]
+    args = (grads, torch.tensor([0.5]), torch.zeros(1), torch.zeros(1), torch.zeros(3))
+    torch.library.opcheck(torch.ops.mixprec.unscale_and_check_.default, args)
+
+
+def test_torch_compile_fullgraph():
+    def step(grads, inv_scale, found_inf, norm_sq):
+        mixprec.ops.unscale_and_check_(grads, inv_scale, found_inf, norm_sq)
+        return norm_sq.sqrt()
+
+    grads = [torch.randn(1000, dtype=torch.float16), torch.randn(50)]
+    eager_grads = [g.clone() for g in grads]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    inv_scale = torch.tensor([0.125])
+    out = compiled(grads, inv_scale, torch.zeros(1), torch.zeros(1))
+    expected = step(eager_grads, inv_scale, torch.zeros(1), torch.zeros(1))
+    for g, e in zip(grads, eager_grads):
+        assert_bitwise_equal(g, e, "compiled")
+    assert out.item() == expected.item()
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=5),
+       dtype_ids=st.lists(st.integers(0, 2), min_size=5, max_size=5),
+       log2_scale=st.integers(-24, 24), seed=st.integers(0, 2**31 - 1), poison=st.booleans())
+def test_property_cpu_matches_reference(sizes, dtype_ids, log2_scale, seed, poison):
+    gen = torch.Generator().manual_seed(seed)
+    grads = [random_grad(n, DTYPES[dtype_ids[k]], generator=gen, specials=poison) for k, n in enumerate(sizes)]
+    ref = [g.clone() for g in grads]
+    inv = torch.tensor([2.0 ** -log2_scale])
+    f, n, flags = torch.zeros(1), torch.zeros(1), torch.zeros(len(grads))
+    rf, rn, rflags = torch.zeros(1), torch.zeros(1), torch.zeros(len(grads))
+    mixprec.ops.unscale_and_check_(grads, inv, f, n, per_tensor_inf=flags, backend="cpu")
+    reference.unscale_and_check_(ref, inv, rf, rn, rflags)
+    for g, r in zip(grads, ref):
+        assert_bitwise_equal(g, r, "cpu vs reference")
+    assert f.item() == rf.item() and flags.tolist() == rflags.tolist()
+    if torch.isfinite(rn).item() and rn.item() > 0:
+        assert n.item() == pytest.approx(rn.item(), rel=1e-5)
+    else:
+        assert n.item() == rn.item() or (torch.isnan(n).item() and torch.isnan(rn).item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_torch(dtype):
+    gen = torch.Generator().manual_seed(1)
+    grads = [random_grad(n, dtype, generator=gen, specials=True).cuda() for n in (1, 1000, 65537, 1_000_003)]
+    grads.append(random_grad(5000, dtype, generator=gen).cuda()[1:])  # misaligned start: the scalar path
+    original = [g.clone() for g in grads]
+    inv_scale = torch.tensor([1 / 3], device="cuda")
+    found_inf, norm_sq = torch.zeros(1, device="cuda"), torch.zeros(1, device="cuda")
+    mixprec.ops.unscale_and_check_(grads, inv_scale, found_inf, norm_sq, backend="cuda")
+    expected = [g.clone() for g in original]
+    torch._amp_foreach_non_finite_check_and_unscale_(expected, torch.zeros(1, device="cuda"), inv_scale)
+    for g, e in zip(grads, expected):
+        assert_bitwise_equal(g, e, f"cuda {dtype}")
+    assert found_inf.item() == 1.0
+    clean = [random_grad(n, dtype, generator=gen).cuda() for n in (3, 70000, 1_000_000)]
+    norms = []
+    for _ in range(2):
+        n = torch.zeros(1, device="cuda")
+        mixprec.ops.unscale_and_check_([c.clone() for c in clean], inv_scale, torch.zeros(1, device="cuda"), n)
+        norms.append(n.item())
+    assert norms[0] == norms[1]  # deterministic two-level reduction
+    ref = torch.zeros(1, device="cuda")
+    reference.unscale_and_check_([c.clone() for c in clean], inv_scale, torch.zeros(1, device="cuda"), ref)
+    assert norms[0] == pytest.approx(ref.item(), rel=1e-5)

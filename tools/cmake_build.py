@@ -1,0 +1,40 @@
+"""Configure and build CMakeLists.txt against the pip-installed torch (used by `make test-cpp` and CI).
+
+Encodes what these machines need (see ENVIRONMENT.md): torch's CMake prefix, TORCH_CUDA_ARCH_LIST at
+configure time (else torch's cmake adds compute_50, which nvcc 13 refuses), the toolkit's nvcc, and the
+nvrtc library from the nvidia wheels. The CUDA part is built when torch has CUDA and nvcc is found.
+"""
+import argparse
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import torch
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--build-dir", default="cmake-build")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args()
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    nvcc = pathlib.Path(cuda_home, "bin", "nvcc")
+    with_cuda = torch.version.cuda is not None and nvcc.exists() and os.environ.get("MIXPREC_FORCE_CPU", "0") in ("", "0")
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0"))
+    cmd = ["cmake", "-S", str(root), "-B", args.build_dir, "-G", "Ninja" if shutil.which("ninja") else "Unix Makefiles",
+           f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DMIXPREC_WITH_CUDA={'ON' if with_cuda else 'OFF'}"]
+    if with_cuda:
+        site = pathlib.Path(torch.__file__).resolve().parent.parent
+        cmd += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}",
+                f"-DCUDA_nvrtc_LIBRARY={site / 'nvidia' / 'cu13' / 'lib' / 'libnvrtc.so.13'}"]
+    subprocess.run(cmd, check=True, env=env)
+    subprocess.run(["cmake", "--build", args.build_dir, "-j", str(args.jobs)], check=True, env=env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
