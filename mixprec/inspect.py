@@ -2,7 +2,7 @@
 
 Every Triton kernel is compiled ahead of time for sm_80 and sm_90 (triton.compile with a GPUTarget), every
 CUDA kernel is taken from the built extension's cubins, and each cubin is read with the cuobjdump that ships
-with triton: registers per thread, spills (local-memory loads/stores in the SASS), shared memory, an
+with triton (through mixprec._sass): registers per thread, spills (local memory in use), shared memory, an
 occupancy estimate from those and the SM limits, and tensor-core instruction counts (HMMA on sm_80,
 HGMMA on sm_90). Then a roofline *prediction* for A100 and H100 SXM from the bytes and flops each op must
 move and the published peaks: no GPU has run anything.
@@ -19,7 +19,6 @@ Protocol for kernel modules (kernels/*.py, so that this command hardcodes nobody
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import json
 import os
@@ -30,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+
+from mixprec._sass import KernelInfo, cuobjdump, inspect_binary
 
 # Per-SM limits (CUDA C Programming Guide, "Technical Specifications per Compute Capability").
 SM_LIMITS = {
@@ -48,83 +49,31 @@ GPUS = {
 ARCHS = (80, 90)
 
 
-# ---------------------------------------------------------------- cubin reading (to merge with mixprec/_sass.py)
+# ---------------------------------------------------------------- cubin reading
 
-@functools.cache
-def cuda_tool(name: str) -> str:
-    """cuobjdump / nvdisasm: triton's copy (always there with triton), else the toolkit's, else PATH."""
-    candidates = []
-    try:
-        import triton
-
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name))
-    except ImportError:
-        pass
-    candidates.append(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", name))
-    for c in candidates:
-        if os.path.exists(c):
-            return c
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(f"{name} not found (looked in {candidates} and PATH); install triton")
-    return found
-
-
-def _run(*cmd: str) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-
-
-@dataclass
-class KernelResources:
-    """What a cubin says about one kernel."""
-    name: str
-    regs: int = 0
-    stack: int = 0
-    local_bytes: int = 0  # local memory per thread: spill slots and local arrays
-    smem_static: int = 0  # static shared memory, without the system reservation
-    max_threads: int | None = None  # __launch_bounds__ (EIATTR_MAX_THREADS), when present
-    spill_loads: int = 0  # LDL instructions in the SASS
-    spill_stores: int = 0  # STL instructions in the SASS
-    hmma: int = 0
-    hgmma: int = 0
-    instructions: int = 0
-
-
-_RES_RE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
-
-
-def read_cubin(path: str) -> dict[str, KernelResources]:
-    """Resources and SASS instruction counts of every kernel in one cubin file."""
-    kernels: dict[str, KernelResources] = {}
-    elf = _run(cuda_tool("cuobjdump"), "-elf", path)
-    # sm_90 cubins count the 1 KB system reservation in SHARED (and carry a .nv.reservedSmem section).
-    reserved_in_shared = SMEM_RESERVED_PER_BLOCK if ".nv.reservedSmem" in elf else 0
-    for m in _RES_RE.finditer(_run(cuda_tool("cuobjdump"), "-res-usage", path)):
-        name, regs, stack, shared, local = m.group(1), *map(int, m.groups()[1:])
-        kernels[name] = KernelResources(name, regs=regs, stack=stack, local_bytes=local,
-                                        smem_static=max(0, shared - reserved_in_shared))
-    # EIATTR_MAX_THREADS follows the kernel's .nv.info.<name> header: "Value: 0x200 0x1 0x1".
+def elf_facts(path: str, arch: int) -> tuple[dict[str, int], bool]:
+    """What mixprec._sass does not read yet (move it there): each kernel's __launch_bounds__ thread count
+    (EIATTR_MAX_THREADS, "Value: 0x200 0x1 0x1"), and whether SHARED includes the 1 KB system reservation
+    (sm_90 cubins count it, and carry a .nv.reservedSmem section)."""
+    elf = subprocess.run([cuobjdump(), "-elf", "-arch", f"sm_{arch}", path], check=True, capture_output=True,
+                         text=True).stdout
+    bounds = {}
     for section in elf.split(".nv.info.")[1:]:
         name = section.split(None, 1)[0]
         m = re.search(r"EIATTR_MAX_THREADS\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)", section)
-        if name in kernels and m:
-            kernels[name].max_threads = int(m.group(1), 16) * int(m.group(2), 16) * int(m.group(3), 16)
-    current = None
-    for line in _run(cuda_tool("cuobjdump"), "-sass", path).splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
         if m:
-            current = kernels.setdefault(m.group(1), KernelResources(m.group(1)))
-            continue
-        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
-        if current is None or not m:
-            continue
-        opcode = m.group(1).split(".")[0]
-        current.instructions += 1
-        current.spill_loads += opcode == "LDL"
-        current.spill_stores += opcode == "STL"
-        current.hmma += opcode == "HMMA"
-        current.hgmma += opcode == "HGMMA"
-    return kernels
+            bounds[name] = int(m.group(1), 16) * int(m.group(2), 16) * int(m.group(3), 16)
+    return bounds, ".nv.reservedSmem" in elf
+
+
+def read_binary(path: str, arch: int) -> list[tuple[KernelInfo, int | None, int]]:
+    """(resources, launch-bounds threads or None, static smem without the reservation) per kernel of `arch`."""
+    bounds, reservation_counted = elf_facts(path, arch)
+    out = []
+    for name, k in inspect_binary(path, arch).items():
+        smem = max(0, k.shared_bytes - SMEM_RESERVED_PER_BLOCK) if reservation_counted else k.shared_bytes
+        out.append((k, bounds.get(name), smem))
+    return out
 
 
 def _short_name(demangled: str) -> str:
@@ -178,8 +127,9 @@ class KernelReport:
     arch: int
     threads: int | None
     regs: int
-    spills: int  # local-memory instructions (LDL + STL)
+    spills: bool  # local memory or stack in use: ptxas spilled (mixprec's kernels use no local arrays)
     local_bytes: int
+    stack_bytes: int
     smem_bytes: int  # static + dynamic, without the system reservation
     occupancy: float | None
     occupancy_limiter: str
@@ -194,11 +144,11 @@ def kernel_modules() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
 
 
-def _report(source, module, kernel, config, arch, res: KernelResources, threads, dynamic_smem=0, notes=""):
-    smem = res.smem_static + dynamic_smem
-    occ, limiter = occupancy(arch, threads, res.regs, smem) if threads else (None, "block size unknown")
-    return KernelReport(source, module, kernel, config, arch, threads, res.regs, res.spill_loads + res.spill_stores,
-                        res.local_bytes, smem, occ, limiter, res.hmma, res.hgmma, notes)
+def _report(source, module, kernel, config, arch, res: KernelInfo, threads, smem, notes=""):
+    """smem: static (without the system reservation) + dynamic shared memory of one block."""
+    occ, limiter = occupancy(arch, threads, res.registers, smem) if threads else (None, "block size unknown")
+    return KernelReport(source, module, kernel, config, arch, threads, res.registers, res.spills, res.local_bytes,
+                        res.stack_bytes, smem, occ, limiter, res.hmma, res.hgmma, notes)
 
 
 def compile_spec(spec: dict, arch: int, where: str = "") -> KernelReport:
@@ -220,10 +170,10 @@ def compile_spec(spec: dict, arch: int, where: str = "") -> KernelReport:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        res = read_cubin(path)[compiled.metadata.name]
+        res, _, static_smem = next(k for k in read_binary(path, arch) if k[0].name == compiled.metadata.name)
     threads = compiled.metadata.num_warps * 32 * compiled.metadata.num_ctas
     return _report("triton", where, fn.__name__, spec["config"], arch, res, threads,
-                   dynamic_smem=compiled.metadata.shared)
+                   static_smem + compiled.metadata.shared)
 
 
 def triton_reports(archs=ARCHS) -> list[KernelReport]:
@@ -252,19 +202,13 @@ def cuda_reports(archs=ARCHS) -> tuple[list[KernelReport], str]:
     if not _ext.has_cuda_kernels():
         return [], "mixprec._C was built without its CUDA part"
     reports = []
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([cuda_tool("cuobjdump"), "-xelf", "all", so], cwd=tmp, check=True, capture_output=True)
-        for cubin in sorted(os.listdir(tmp)):
-            m = re.search(r"\.sm_(\d+)a?\.cubin$", cubin)
-            if not m or int(m.group(1)) not in archs:
-                continue
-            kernels = read_cubin(os.path.join(tmp, cubin))
-            pretty = demangle(list(kernels))
-            for (name, res), readable in zip(kernels.items(), pretty):
-                short = _short_name(readable)
-                notes = "" if res.max_threads else "no __launch_bounds__: occupancy not estimated"
-                reports.append(_report("cuda", cubin.split(".")[0], short, "", int(m.group(1)), res,
-                                       res.max_threads, notes=notes))
+    for arch in archs:
+        kernels = read_binary(so, arch)
+        for (res, threads, smem), readable in zip(kernels, demangle([k[0].name for k in kernels])):
+            notes = "" if threads else "no __launch_bounds__: occupancy not estimated"
+            # dynamic shared memory is a launch parameter the binary does not record: static only
+            reports.append(_report("cuda", os.path.basename(so), _short_name(readable), "", arch, res, threads,
+                                   smem, notes))
     return reports, ""
 
 
@@ -308,7 +252,7 @@ def format_report(d: dict) -> str:
     for k in d["kernels"]:
         occ = f"{100 * k['occupancy']:.0f}% ({k['occupancy_limiter']})" if k["occupancy"] is not None else "-"
         body.append([k["source"], k["kernel"], k["config"], str(k["arch"]), str(k["threads"] or "?"), str(k["regs"]),
-                     str(k["spills"]), str(k["local_bytes"]), str(k["smem_bytes"]), occ, str(k["hmma"]),
+                     "yes" if k["spills"] else "no", str(k["local_bytes"] + k["stack_bytes"]), str(k["smem_bytes"]), occ, str(k["hmma"]),
                      str(k["hgmma"])])
     lines = ["Kernels (compiled for the target without a GPU; read from the cubins)", _columns(header, body)]
     if d["cuda_note"]:

@@ -159,7 +159,7 @@ def test_inspect_reports_unscale_kernels(inspect_json):
     assert {k["arch"] for k in triton_unscale} == {80, 90}
     assert len(triton_unscale) == 6  # fp32, fp16, bf16 for two archs
     for k in inspect_json["kernels"]:
-        assert k["spills"] == 0 and k["local_bytes"] == 0, f"{k['kernel']} sm_{k['arch']} spills"
+        assert not k["spills"] and k["local_bytes"] == 0, f"{k['kernel']} sm_{k['arch']} spills"
     for k in triton_unscale:
         assert 0 < k["regs"] <= 255 and k["smem_bytes"] >= 0 and k["threads"] == 128
         assert 0 < k["occupancy"] <= 1
@@ -188,7 +188,7 @@ def test_inspect_counts_tensor_core_instructions():
     # 64x64x64 fp16 dot on 4 warps: 128 mma.m16n8k16 per block, 32 per warp; on sm_90 wgmma 64x64x16, 4 of them
     assert by_arch["80"]["hmma"] == 32 and by_arch["80"]["hgmma"] == 0
     assert by_arch["90"]["hgmma"] > 0 and by_arch["90"]["hmma"] == 0
-    assert all(r["spills"] == 0 and r["smem_bytes"] > 0 for r in by_arch.values())
+    assert all(not r["spills"] and r["smem_bytes"] > 0 for r in by_arch.values())
 
 
 def test_inspect_occupancy_estimate():
