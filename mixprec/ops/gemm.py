@@ -4,19 +4,15 @@ from __future__ import annotations
 import torch
 
 from mixprec import _backend, _ext, reference
+from mixprec.ops._validate import check_tensor
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_operands(a, b) -> None:
-    for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
-        if t.dtype not in HALF_DTYPES:
-            raise TypeError(f"{name} must be float16 or bfloat16, got {t.dtype}")
+    check_tensor("a", a, dtypes=HALF_DTYPES)
+    check_tensor("b", b, dtypes=HALF_DTYPES)
     if a.dim() < 2:
         raise ValueError(f"a must have shape [..., M, K], got {tuple(a.shape)}")
     if b.dim() != 2:
