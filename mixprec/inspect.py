@@ -257,6 +257,9 @@ def format_report(d: dict) -> str:
     lines = ["Kernels (compiled for the target without a GPU; read from the cubins)", _columns(header, body)]
     if d["cuda_note"]:
         lines.append(f"CUDA kernels: none ({d['cuda_note']})")
+    if any(k["source"] == "cuda" for k in d["kernels"]):
+        lines.append("note: CUDA kernels show static shared memory only (dynamic shared memory is a launch "
+                     "parameter), and their occupancy leaves it out")
     for note in sorted({f"{k['kernel']}: {k['notes']}" for k in d["kernels"] if k["notes"]}):
         lines.append(f"note: {note}")
     lines += ["", "Roofline PREDICTION (published peaks; nothing was run on a GPU):"]
