@@ -3,7 +3,7 @@
 Ours (unscale + overflow check + sum of squares in one pass) against torch's unscale alone, and against torch's
 unscale followed by the norm a user needs for clipping (torch._foreach_norm, as clip_grad_norm_ does it); GB/s
 from the bytes the op must move (read 2 B + write 2 B per element) against a streaming ceiling with the same
-in-place mix at the same size, measured in the same run.
+in-place mix at the same size, timed in the same rounds as ours and the peers (timing.measure_interleaved).
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 
 import mixprec
 from mixprec import _backend, _ext
-from mixprec.benchmarks.ceiling import cpu_stream_gbps, cuda_copy_gbps
+from mixprec.benchmarks.ceiling import cpu_stream, cuda_copy_gbps, gbps
 from mixprec.benchmarks.rows import row
-from mixprec.benchmarks.timing import measure, measure_gpu, reduced
+from mixprec.benchmarks.timing import measure_gpu, measure_interleaved, reduced
 
 OP = "unscale_and_check_"
 
@@ -71,14 +71,15 @@ def _run_cpu(quick: bool) -> list[dict]:
     repeats, min_time_s = (3, 0.0) if reduced() else (10, 0.0) if quick else (40, 3.0)
     # note: no buffer rotation: 249 MB is eight times the 32 MB L3 already, and a second copy would cost
     # another 249 MB of RAM shared with the other engineers' builds.
-    time = lambda fn: measure(fn, repeats=repeats, min_time_s=min_time_s)  # noqa: E731
     ours, peers = _contenders(grads, "cpu")
-    ceiling = cpu_stream_gbps(2 * n, 2 * n, quick=quick)
+    # the ceiling runs in the same rounds as ours and the peers: a load change hits all of them alike
+    contenders = {"ours": ours("cpu"), "ceiling": cpu_stream(2 * n, 2 * n), **peers}
+    timings = measure_interleaved(contenders, repeats=repeats, min_time_s=min_time_s)
+    ceiling = timings.pop("ceiling")
     return [row(op=OP, backend="cpu", device="cpu", shape=f"{label}: {len(grads)} tensors, {n / 1e6:.1f}M",
-                dtype="float16", timing=time(ours("cpu")), unit="GB/s", work=4 * n, ceiling=ceiling.gbps,
-                peers={name: time(fn) for name, fn in peers.items()},
-                notes=f"with norm_sq; ceiling: in-place stream, IQR {ceiling.timing.q25_ms:.3g}-"
-                      f"{ceiling.timing.q75_ms:.3g} ms")]
+                dtype="float16", timing=timings.pop("ours"), unit="GB/s", work=4 * n, ceiling=gbps(4 * n, ceiling),
+                peers=timings, notes=f"with norm_sq; ceiling: in-place stream of the same bytes, IQR "
+                                     f"{ceiling.q25_ms:.3g}-{ceiling.q75_ms:.3g} ms")]
 
 
 def _run_cuda(quick: bool) -> list[dict]:

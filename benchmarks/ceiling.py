@@ -7,6 +7,7 @@ fixed figure would mislead: on the 2-core Zen 3 build machines the bandwidth mov
 GPU: a device-to-device copy (torch), moving the same number of bytes.
 
     gbps, timing = cpu_stream_gbps(read_bytes, write_bytes)
+    fn = cpu_stream(read_bytes, write_bytes)   # to time it in the same rounds as the kernel it judges
 
 How the CPU figure compares to ENVIRONMENT.md's: that figure came from an OpenMP loop over fp32 arrays
 doing arithmetic; this kernel only XOR-folds the bytes it reads and stores a splat, so it is at least as
@@ -76,6 +77,20 @@ def _repeats(quick: bool) -> tuple[int, float]:
     return (10, 0.2) if quick else (30, 1.0)
 
 
+def cpu_stream(read_bytes: int, write_bytes: int, *, arrays: int | Layout = 1, rotate: int | None = None):
+    """The streaming kernel as fn(i), buffers allocated, for callers that time it themselves (interleaved with
+    the kernel it judges, see timing.measure_interleaved). Arguments as in cpu_stream_gbps."""
+    from mixprec import _ext
+
+    if not _ext.available():
+        raise RuntimeError(f"the CPU ceiling needs the mixprec._C extension ({_ext.LOAD_ERROR})")
+    layout = default_layout(read_bytes, write_bytes, arrays) if isinstance(arrays, int) else list(arrays)
+    _check_layout(read_bytes, write_bytes, layout)
+    working_set = sum(max(r, w) for r, w in layout)
+    sets = [_buffers(layout, "cpu") for _ in range(rotate or rotation(working_set))]
+    return lambda i: torch.ops.mixprec._stream_bench_(*sets[i % len(sets)])
+
+
 def cpu_stream_gbps(read_bytes: int, write_bytes: int, *, arrays: int | Layout = 1, rotate: int | None = None,
                     quick: bool = False) -> Ceiling:
     """The CPU bandwidth a streaming kernel reaches reading `read_bytes` and writing `write_bytes` per call.
@@ -85,18 +100,14 @@ def cpu_stream_gbps(read_bytes: int, write_bytes: int, *, arrays: int | Layout =
     is read then written in place (equal sizes). rotate: buffer sets cycled through (default: enough to
     leave the last-level cache behind, as the benchmarks do with their own inputs). Returns (GB/s, Timing).
     """
-    from mixprec import _ext
-
-    if not _ext.available():
-        raise RuntimeError(f"the CPU ceiling needs the mixprec._C extension ({_ext.LOAD_ERROR})")
-    layout = default_layout(read_bytes, write_bytes, arrays) if isinstance(arrays, int) else list(arrays)
-    _check_layout(read_bytes, write_bytes, layout)
-    working_set = sum(max(r, w) for r, w in layout)
-    sets = [_buffers(layout, "cpu") for _ in range(rotate or rotation(working_set))]
+    fn = cpu_stream(read_bytes, write_bytes, arrays=arrays, rotate=rotate)
     repeats, min_time_s = _repeats(quick)
-    timing = measure(lambda i: torch.ops.mixprec._stream_bench_(*sets[i % len(sets)]), repeats=repeats,
-                     min_time_s=min_time_s)
-    return Ceiling((read_bytes + write_bytes) / (timing.median_ms * 1e6), timing)
+    timing = measure(fn, repeats=repeats, min_time_s=min_time_s)
+    return Ceiling(gbps(read_bytes + write_bytes, timing), timing)
+
+
+def gbps(nbytes: int, timing: Timing) -> float:
+    return nbytes / (timing.median_ms * 1e6)
 
 
 def cuda_copy_gbps(read_bytes: int, write_bytes: int, *, quick: bool = False) -> Ceiling:
@@ -108,7 +119,7 @@ def cuda_copy_gbps(read_bytes: int, write_bytes: int, *, quick: bool = False) ->
     src = torch.ones(n, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     timing = measure_gpu(lambda: dst.copy_(src), quick=quick)
-    return Ceiling(2 * n / (timing.median_ms * 1e6), timing)
+    return Ceiling(gbps(2 * n, timing), timing)
 
 
 def _compare_with_environment() -> None:

@@ -91,3 +91,24 @@ def measure(fn, *, device: str = "cpu", warmup: int = 3, repeats: int = 20, min_
             samples.append((time.perf_counter() - t0) * 1e3)
         i += 1
     return _summary(samples)
+
+
+def measure_interleaved(fns: dict, *, warmup: int = 3, repeats: int = 20, min_time_s: float = 0.0) -> dict[str, Timing]:
+    """measure() for several CPU contenders at once, in rounds that call each once (in a rotating order), so
+    that a change of load on a shared machine (others compiling) falls on all of them alike, and their ratios
+    stay fair when the absolute times do not. fn(i) as in measure()."""
+    names = list(fns)
+    for i in range(warmup):
+        for name in names:
+            fns[name](i)
+    samples = {name: [] for name in names}
+    start = time.perf_counter()
+    i = warmup
+    while i - warmup < repeats or time.perf_counter() - start < min_time_s:
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            fns[name](i)
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        i += 1
+    return {name: _summary(s) for name, s in samples.items()}
