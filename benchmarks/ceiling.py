@@ -9,10 +9,12 @@ GPU: a device-to-device copy (torch), moving the same number of bytes.
     gbps, timing = cpu_stream_gbps(read_bytes, write_bytes)
     fn = cpu_stream(read_bytes, write_bytes)   # to time it in the same rounds as the kernel it judges
 
-How the CPU figure compares to ENVIRONMENT.md's: that figure came from an OpenMP loop over fp32 arrays
-doing arithmetic; this kernel only XOR-folds the bytes it reads and stores a splat, so it is at least as
-fast at the same mix and size (it bounds what a kernel with arithmetic can reach). Run
-`python -m mixprec.benchmarks.ceiling` to print both mixes side by side on the current machine.
+How the CPU figure compares to ENVIRONMENT.md's (43 GB/s at 8M fp32 elements per array, 29 GB/s at 32M, 4
+arrays read and 3 written): those came from an OpenMP loop doing fp32 arithmetic; this kernel moves the
+same bytes (three arrays read and written back in place, one read only: Adam's pattern) with one XOR per
+32 bytes and ordinary stores, so on the same machine it should match or beat them; if it falls short, the
+kernels judged against it are being flattered. `python -m mixprec.benchmarks.ceiling` measures those two
+points; compare on a quiet machine (with others compiling on the 2 cores, every figure drops 2-4x).
 """
 from __future__ import annotations
 
