@@ -182,10 +182,20 @@ def machine() -> dict:
             "python": d["python"]}
 
 
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def machine_line(m: dict) -> str:
     gpu = m["cuda_device"] or "no GPU"
-    return (f"{m['cpu']}, {m['logical_cpus']} logical CPUs ({m['cpu_threads']} torch threads), torch {m['torch']}, "
+    line = (f"{m['cpu']}, {m['logical_cpus']} logical CPUs ({m['cpu_threads']} torch threads), torch {m['torch']}, "
             f"triton {m['triton']}, Python {m['python']}, device: {gpu}")
+    if m.get("load_before") is not None:
+        line += f"; load average {m['load_before']} before the run, {m['load_after']} after"
+    return line
 
 
 # ---------------------------------------------------------------- reporting
@@ -345,6 +355,8 @@ def _select(args) -> list[tuple[str, str]]:
 
 def run_all(args, argv_for_record: list[str]) -> dict:
     jobs = _select(args)
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    load_before = _load()
     outcomes = []
     with Progress(len(jobs)) as progress:
         for script, device in jobs:
@@ -354,8 +366,9 @@ def run_all(args, argv_for_record: list[str]) -> dict:
             outcomes.append(outcome)
     return {
         "command": "python -m mixprec bench " + shlex.join(argv_for_record),
-        "machine": machine(),
-        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        # other processes on the machine move every figure: the 1-minute load average says how quiet it was
+        "machine": {**machine(), "load_before": load_before, "load_after": _load()},
+        "started": started,
         "quick": args.quick, "reduced": args.reduced,
         "rows": [r for o in outcomes for r in o.rows],
         "failures": [{"script": o.script, "device": o.device, "error": o.error} for o in outcomes if o.error],
