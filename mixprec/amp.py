@@ -585,12 +585,12 @@ class GradScaler:
             return
         device = self._min_hits.device
         if device.type == "cpu":
-            self._maybe_warn_min_scale(int(self._min_hits))
+            self._maybe_warn_min_scale(int(self._min_hits), stacklevel=4)
         elif device.type == "cuda":
             pending = self._min_hits_pending
             if pending is not None and pending[1].query():
                 self._min_hits_pending = None
-                self._maybe_warn_min_scale(int(pending[0]))
+                self._maybe_warn_min_scale(int(pending[0]), stacklevel=4)
             if self._min_hits_pending is None and not self._warned_min_scale:
                 host = torch.empty((), dtype=torch.int32, pin_memory=True)
                 host.copy_(self._min_hits, non_blocking=True)
@@ -598,14 +598,15 @@ class GradScaler:
                 event.record()
                 self._min_hits_pending = (host, event)
 
-    def _maybe_warn_min_scale(self, hits: int) -> None:
+    def _maybe_warn_min_scale(self, hits: int, stacklevel: int = 3) -> None:
+        # stacklevel: the warning points at the user's call (update(), skipped_steps()).
         if self._warned_min_scale or self._min_scale is None or hits < self._min_scale_patience:
             return
         self._warned_min_scale = True
         warnings.warn(f"mixprec GradScaler: {hits} overflowing steps were taken at min_scale={self._min_scale:g}, "
                       "where the scale cannot back off any further; these steps are skipped. Pass "
                       "model.named_parameters() to scaler.overflow_report() to name the tensors.\n"
-                      f"{self.overflow_report()}", RuntimeWarning, stacklevel=3)
+                      f"{self.overflow_report()}", RuntimeWarning, stacklevel=stacklevel)
 
     # ---------------------------------------------------------------------------------------- diagnostics
     def history(self) -> list[tuple[float, bool]]:
