@@ -131,6 +131,11 @@ def test_bounds_by_hand():
     assert _one_param_loop(low, ["inf"] * 4) == [2, 1, 1, 1]
     high = GradScaler("cpu", init_scale=4.0, growth_interval=1, max_scale=16.0)
     assert _one_param_loop(high, ["ok"] * 4) == [8, 16, 16, 16]
+    # growth past fp32's range is dropped, as torch drops it (the general path, here taken for min_scale)
+    top = dict(init_scale=2.0**127, growth_interval=1)
+    expected = _one_param_loop(torch.amp.GradScaler("cpu", **top), ["ok", "inf", "ok", "ok"])
+    assert expected == [2.0**127, 2.0**126, 2.0**127, 2.0**127]
+    assert _one_param_loop(GradScaler("cpu", **top, min_scale=1.0), ["ok", "inf", "ok", "ok"]) == expected
 
 
 @pytest.mark.filterwarnings("ignore:mixprec GradScaler:RuntimeWarning")  # stuck at min_scale: expected here
