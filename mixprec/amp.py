@@ -481,9 +481,8 @@ class GradScaler:
         measuring them again: grads *= min(max_norm / (norm + 1e-6), 1), one foreach multiply per dtype with
         the coefficient on the device. Returns the total norm before clipping (0-dim fp32, no sync)."""
         if self._enabled:
-            stage = self._per_optimizer_states[id(optimizer)]["stage"] if id(
-                optimizer) in self._per_optimizer_states else OptState.READY
-            if stage is not OptState.UNSCALED:
+            state = self._per_optimizer_states.get(id(optimizer))
+            if state is None or state["stage"] is not OptState.UNSCALED:
                 raise RuntimeError("GradScaler.clip_grad_norm_(optimizer) clips unscaled gradients: call "
                                    "scaler.unscale_(optimizer) before it, and before step()")
         grads, norm_sq = self._grads_and_norm_sq(optimizer, "clip_grad_norm_")
@@ -611,11 +610,13 @@ class GradScaler:
     # ---------------------------------------------------------------------------------------- diagnostics
     def history(self) -> list[tuple[float, bool]]:
         """The last `history` (scale, overflowed) pairs recorded by update(), oldest first. Syncs."""
-        if not self._enabled or self._history_buf is None:
+        # Before the first scale() the buffer is still the host copy that load_state_dict or unpickling left.
+        buf = self._history_buf if self._history_buf is not None else self._init_history
+        if not self._enabled or buf is None:
             return []
         n = min(self._num_updates, self._history_size)
         start = self._num_updates - n
-        rows = self._history_buf[[(start + i) % self._history_size for i in range(n)]].tolist()
+        rows = buf[[(start + i) % self._history_size for i in range(n)]].tolist()
         return [(scale, flag > 0) for scale, flag in rows]
 
     def skipped_steps(self) -> int:
@@ -707,7 +708,7 @@ class GradScaler:
                 "hysteresis": self._hysteresis, "consecutive_hysteresis": self._consecutive_hysteresis,
                 "min_scale": self._min_scale, "max_scale": self._max_scale,
                 "_hysteresis_left": host["hysteresis_left"], "_skipped_steps": host["skipped"],
-                "_min_scale_hits": host["min_hits"], "_num_updates": self._num_updates}
+                "_min_scale_hits": host["min_hits"], "_num_updates": self._num_updates, "_history": self.history()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict of this class or of torch.amp.GradScaler. From torch's, the settings only mixprec
@@ -728,7 +729,8 @@ class GradScaler:
         self._consecutive_hysteresis = bool(state_dict.get("consecutive_hysteresis", self._consecutive_hysteresis))
         self._min_scale = state_dict.get("min_scale", self._min_scale)
         self._max_scale = state_dict.get("max_scale", self._max_scale)
-        self._num_updates = int(state_dict.get("_num_updates", self._num_updates))
+        if "_history" in state_dict:
+            self._load_history(state_dict["_history"], int(state_dict.get("_num_updates", len(state_dict["_history"]))))
         host = self._host_state()
         self._init_scale = float(state_dict["scale"])
         self._init_growth_tracker = int(state_dict["_growth_tracker"])
@@ -741,6 +743,20 @@ class GradScaler:
             self._hysteresis_left.fill_(self._init_counters["hysteresis_left"])
             self._skipped.fill_(self._init_counters["skipped"])
             self._min_hits.fill_(self._init_counters["min_hits"])
+
+    def _load_history(self, pairs, num_updates: int) -> None:
+        """Refill the ring buffer so that history() returns `pairs` (the newest that fit) after num_updates steps."""
+        pairs = list(pairs)[-self._history_size:]
+        if num_updates < len(pairs):
+            raise ValueError(f"state_dict['_num_updates']={num_updates} is less than the {len(pairs)} history entries")
+        buf = torch.zeros(self._history_size, 2, dtype=torch.float32)
+        for i, (scale, overflowed) in enumerate(pairs):
+            buf[(num_updates - len(pairs) + i) % self._history_size] = torch.tensor([scale, float(overflowed)])
+        self._num_updates = num_updates
+        if self._history_buf is None:
+            self._init_history = buf
+        else:
+            self._history_buf.copy_(buf)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -18,14 +18,14 @@ INF, NAN = float("inf"), float("nan")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _one_param_loop(scaler, steps, *, optimizer_cls=torch.optim.SGD):
+def _one_param_loop(scaler, steps, device="cpu"):
     """Drive `scaler` through steps of 'ok' / 'inf' / 'nan' grads on one fp32 param; the scale after each."""
-    p = torch.nn.Parameter(torch.zeros(3))
-    opt = optimizer_cls([p], lr=0.1)
+    p = torch.nn.Parameter(torch.zeros(3, device=device))
+    opt = torch.optim.SGD([p], lr=0.1)
     scales = []
     for kind in steps:
-        scaler.scale(torch.ones(()))  # creates the scale on the first call, as a loss would
-        p.grad = torch.full((3,), {"ok": 1.0, "inf": INF, "nan": NAN}[kind])
+        scaler.scale(torch.ones((), device=device))  # creates the scale on the first call, as a loss would
+        p.grad = torch.full((3,), {"ok": 1.0, "inf": INF, "nan": NAN}[kind], device=device)
         scaler.step(opt)
         scaler.update()
         scales.append(scaler.get_scale())
@@ -558,20 +558,28 @@ def test_state_dict_round_trip_keeps_hysteresis_and_counters():
     args = dict(init_scale=64.0, growth_interval=3, hysteresis=3, consecutive_hysteresis=False, min_scale=2.0,
                 max_scale=2.0**10, history=5)
     a = GradScaler("cpu", **args)
-    _continue(a, ["inf", "ok", "inf", "inf", "ok"])  # one overflow tolerated so far: count at 1
-    b = GradScaler("cpu", init_scale=1.0)  # other settings: load_state_dict brings them
+    _continue(a, ["inf", "ok", "inf", "inf", "ok"])  # 2 overflows tolerated, the 3rd backs off; count spent
+    b = GradScaler("cpu", init_scale=1.0, history=3)  # other settings: load_state_dict brings them
     b.load_state_dict(a.state_dict())
-    assert b.state_dict() == a.state_dict()
+    assert b.history() == a.history()[-3:]  # before and after the device buffer is made
+    b.scale(torch.ones(()))
+    assert b.history() == a.history()[-3:] == [(64.0, True), (64.0, True), (32.0, False)]
+    a_state, b_state = a.state_dict(), b.state_dict()
+    assert a_state.pop("_history")[-3:] == b_state.pop("_history") and a_state == b_state
     then = ["inf", "ok", "ok", "ok", "inf", "inf"]
     assert _continue(b, then) == _continue(a, then)
     assert b.skipped_steps() == a.skipped_steps() == 6
+    assert b.history() == a.history()[-3:]
+    # a torch state dict leaves the history and counters alone
+    b.load_state_dict(torch.amp.GradScaler("cpu").state_dict())
+    assert b.history() == a.history()[-3:] and b.skipped_steps() == 6 and b.get_scale() == 2.0**16
 
 
 def test_pickle_round_trip():
     a = GradScaler("cpu", growth_interval=2, hysteresis=2, history=3)
     _continue(a, ["inf", "ok", "inf"])
     b = pickle.loads(pickle.dumps(a))
-    assert b.state_dict() == a.state_dict() and b.history() == []  # history comes back with the device tensors
+    assert b.state_dict() == a.state_dict() and b.history() == a.history()
     then = ["ok", "ok", "inf", "inf"]
     assert _continue(b, then) == _continue(a, then)
     assert b.history() == a.history()
@@ -731,3 +739,33 @@ def test_getters_setters():
     with pytest.raises(ValueError, match="new_factor"):
         scaler.set_backoff_factor(2.0)
     assert scaler.get_scale() == 2.0**16  # before the first scale(): the initial value, as torch
+
+
+# ------------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+def test_cuda_trajectory_equals_torch_and_no_sync():
+    """On a GPU: the same trajectory as torch's CUDA scaler, and no synchronizing call on the sync-free path
+    (torch.cuda.set_sync_debug_mode("error") raises on any)."""
+    steps = ["ok", "inf", "ok", "ok", "nan", "ok", "ok"]
+    ours = _one_param_loop(GradScaler("cuda", growth_interval=2), steps, "cuda")
+    assert ours == _one_param_loop(torch.amp.GradScaler("cuda", growth_interval=2), steps, "cuda")
+
+    model = _fp16_mlp().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-3, fused=True)
+    scaler = GradScaler("cuda", init_scale=2.0**8, hysteresis=2, min_scale=1.0, track_overflow=True)
+    for step in range(4):  # the first step builds cached index tensors and the scale: not checked
+        opt.zero_grad()
+        x, y = (t.cuda() for t in _batch(step, torch.float16))
+        loss = torch.nn.functional.mse_loss(model(x).float(), y) * (1e30 if step == 2 else 1.0)
+        torch.cuda.set_sync_debug_mode("error" if step else "default")
+        try:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            norm = scaler.clip_grad_norm_(opt, 1.0)
+            scaler.step(opt)
+            scaler.update()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert norm.is_cuda and norm.dtype == torch.float32
+    assert scaler.skipped_steps() == 1
+
