@@ -149,6 +149,8 @@ class GradScaler:
         (sharded gradients: FSDP, ZeRO). grad_norm() is this rank's own; all-reduce it yourself (SUM of
         squares) when gradients are sharded.
 
+    All arguments are checked even when disabled (torch checks its factors only when enabled).
+
     Growth counts as torch's does: the scale grows on the `growth_interval`-th consecutive clean step
     (DeepSpeed's scale_window counts one more). With hysteresis=1 and no bounds the update is
     torch._amp_update_scale_ itself, so the scale trajectory equals torch.amp.GradScaler's.
@@ -181,9 +183,12 @@ class GradScaler:
         _check_positive_int("hysteresis", hysteresis)
         _check_positive_int("history", history)
         _check_positive_int("min_scale_patience", min_scale_patience)
-        for name, value in (("init_scale", init_scale), ("min_scale", min_scale), ("max_scale", max_scale)):
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name, value, optional in (("init_scale", init_scale, False), ("min_scale", min_scale, True),
+                                      ("max_scale", max_scale, True)):
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0{' or None' if optional else ''}, got {value!r}")
         lo = 0.0 if min_scale is None else min_scale
         hi = math.inf if max_scale is None else max_scale
         if not lo <= init_scale <= hi:
@@ -334,7 +339,11 @@ class GradScaler:
     def _unscale_and_check(self, optimizer, multiplier: torch.Tensor | None) -> dict[torch.device, torch.Tensor]:
         """One fused pass over the optimizer's grads: multiply by `multiplier` (None: leave the grads scaled,
         for optimizers that unscale in their own kernel), flag inf/NaN, sum the squares; then agree on
-        found_inf across ranks and publish the unscaled sum of squares."""
+        found_inf across ranks and publish the unscaled sum of squares.
+
+        With multiplier None the op still writes each grad back (times 1.0, exact): it has no check-only mode.
+        The sum is then taken over the scaled grads in fp32 and scaled down after, so it overflows to inf only
+        when the scaled grads' sum of squares exceeds fp32's range (~3e38)."""
         params, present, grads, device = self._collect_grads(optimizer)
         device = device if device is not None else self._scale.device
         found_inf = torch.zeros((), dtype=torch.float32, device=device)

@@ -695,7 +695,7 @@ def test_update_new_scale():
     (dict(growth_factor=1.0), "growth_factor"), (dict(backoff_factor=1.0), "backoff_factor"),
     (dict(backoff_factor=0.0), "backoff_factor"), (dict(growth_interval=0), "growth_interval"),
     (dict(hysteresis=0), "hysteresis"), (dict(history=0), "history"), (dict(min_scale=-1.0), "min_scale"),
-    (dict(init_scale=float("inf")), "init_scale"), (dict(min_scale=4.0, max_scale=2.0), "init_scale"),
+    (dict(init_scale=float("inf")), "init_scale"), (dict(init_scale=None), "init_scale"), (dict(min_scale=4.0, max_scale=2.0), "init_scale"),
     (dict(init_scale=1.0, min_scale=2.0), "init_scale"), (dict(min_scale_patience=0), "min_scale_patience"),
 ])
 def test_bad_constructor_arguments_name_the_argument(kwargs, name):
