@@ -40,15 +40,20 @@ def _grads(shapes, device) -> list[torch.Tensor]:
     return [torch.randn(s, generator=gen, device=device, dtype=torch.float32).half() for s in shapes]
 
 
-def _contenders(grads, device):
-    """(name, fn(i)) of ours and the peers. Iteration i unscales by 2 or 1/2 in turn: exact in fp16, so the
-    values neither drift to inf nor to zero however many repeats run."""
-    inv_scales = [torch.tensor([s], device=device) for s in (2.0, 0.5)]
+# (label, inv_scales cycled through, bytes read and written per fp16 element). Unscaling by 2 and 1/2 in turn
+# is exact in fp16, so the values neither drift to inf nor to zero however many repeats run; inv_scale == 1 is
+# the scaler's check pass before a fused optimizer step, which only reads.
+PASSES = [("unscale", (2.0, 0.5), 2, 2), ("check pass, inv_scale=1", (1.0,), 2, 0)]
+
+
+def _contenders(grads, device, scales):
+    """ours(backend) -> fn(i), and the peers as {name: fn(i)}, cycling through `scales`."""
+    inv_scales = [torch.tensor([s], device=device) for s in scales]
     found_inf = torch.zeros(1, device=device)
     norm_sq = torch.zeros(1, device=device)
 
     def torch_unscale(i):
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scales[i % 2])
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scales[i % len(scales)])
 
     def torch_unscale_norm(i):
         torch_unscale(i)
@@ -56,10 +61,15 @@ def _contenders(grads, device):
         torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     def ours(backend):
-        return lambda i: mixprec.ops.unscale_and_check_(grads, inv_scales[i % 2], found_inf, norm_sq, backend=backend)
+        return lambda i: mixprec.ops.unscale_and_check_(grads, inv_scales[i % len(scales)], found_inf, norm_sq,
+                                                        backend=backend)
 
     peers = {"torch unscale": torch_unscale, "torch unscale+foreach_norm": torch_unscale_norm}
     return ours, peers
+
+
+def _shape(label, grads, n, pass_label):
+    return f"{label}: {len(grads)} tensors, {n / 1e6:.1f}M" + ("" if pass_label == "unscale" else f"; {pass_label}")
 
 
 def _run_cpu(quick: bool) -> list[dict]:
@@ -71,32 +81,40 @@ def _run_cpu(quick: bool) -> list[dict]:
     repeats, min_time_s = (3, 0.0) if reduced() else (10, 0.0) if quick else (40, 3.0)
     # note: no buffer rotation: 249 MB is eight times the 32 MB L3 already, and a second copy would cost
     # another 249 MB of RAM shared with the other engineers' builds.
-    ours, peers = _contenders(grads, "cpu")
-    # the ceiling runs in the same rounds as ours and the peers: a load change hits all of them alike
-    contenders = {"ours": ours("cpu"), "ceiling": cpu_stream(2 * n, 2 * n), **peers}
-    timings = measure_interleaved(contenders, repeats=repeats, min_time_s=min_time_s)
-    ceiling = timings.pop("ceiling")
-    return [row(op=OP, backend="cpu", device="cpu", shape=f"{label}: {len(grads)} tensors, {n / 1e6:.1f}M",
-                dtype="float16", timing=timings.pop("ours"), unit="GB/s", work=4 * n, ceiling=gbps(4 * n, ceiling),
-                peers=timings, notes=f"with norm_sq; ceiling: in-place stream of the same bytes, IQR "
-                                     f"{ceiling.q25_ms:.3g}-{ceiling.q75_ms:.3g} ms")]
+    rows = []
+    for pass_label, scales, read, write in PASSES:
+        ours, peers = _contenders(grads, "cpu", scales)
+        # the ceiling runs in the same rounds as ours and the peers: a load change hits all of them alike
+        contenders = {"ours": ours("cpu"), "ceiling": cpu_stream(read * n, write * n), **peers}
+        timings = measure_interleaved(contenders, repeats=repeats, min_time_s=min_time_s)
+        ceiling = timings.pop("ceiling")
+        work = (read + write) * n
+        rows.append(row(op=OP, backend="cpu", device="cpu", shape=_shape(label, grads, n, pass_label),
+                        dtype="float16", timing=timings.pop("ours"), unit="GB/s", work=work,
+                        ceiling=gbps(work, ceiling), peers=timings,
+                        notes=f"with norm_sq; ceiling: stream of the same bytes ({'in place' if write else 'read only'})"
+                              f", IQR {ceiling.q25_ms:.3g}-{ceiling.q75_ms:.3g} ms"))
+    return rows
 
 
 def _run_cuda(quick: bool) -> list[dict]:
     shapes, label = _problem()
     grads = _grads(shapes, "cuda")
     n = sum(g.numel() for g in grads)
-    ours, peers = _contenders(grads, "cuda")
-    # do_bench calls fn() without an argument; the alternating scale is kept by a counter.
+    # do_bench calls fn() without an argument; a counter keeps the scales cycling.
     counter = iter(range(1 << 62))
     time = lambda fn: measure_gpu(lambda: fn(next(counter)), quick=quick)  # noqa: E731
-    ceiling = cuda_copy_gbps(2 * n, 2 * n, quick=quick)
-    peer_timings = {name: time(fn) for name, fn in peers.items()}
     backends = (["cuda"] if _ext.has_cuda_kernels() else []) + (["triton"] if _backend.triton_available() else [])
-    return [row(op=OP, backend=b, device="cuda", shape=f"{label}: {len(grads)} tensors, {n / 1e6:.1f}M",
-                dtype="float16", timing=time(ours(b)), unit="GB/s", work=4 * n, ceiling=ceiling.gbps,
-                peers=peer_timings, notes="with norm_sq; ceiling: device-to-device copy of the same bytes")
-            for b in backends]
+    rows = []
+    for pass_label, scales, read, write in PASSES:
+        ours, peers = _contenders(grads, "cuda", scales)
+        ceiling = cuda_copy_gbps(read * n, write * n, quick=quick)
+        peer_timings = {name: time(fn) for name, fn in peers.items()}
+        rows += [row(op=OP, backend=b, device="cuda", shape=_shape(label, grads, n, pass_label), dtype="float16",
+                     timing=time(ours(b)), unit="GB/s", work=(read + write) * n, ceiling=ceiling.gbps,
+                     peers=peer_timings, notes="with norm_sq; ceiling: device-to-device copy of the same bytes")
+                 for b in backends]
+    return rows
 
 
 def run(quick: bool, device: str) -> list[dict]:
