@@ -59,4 +59,19 @@ MIXPREC_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
 
+// 8 fp32 lanes as a type of their own, so that element math written once for `float` (the op_* functions of
+// mixprec/adam_math.h) runs on vectors through overloading (found by argument-dependent lookup). Callers
+// instantiate that math inside a MIXPREC_AVX2 __attribute__((flatten)) function, which inlines it all there.
+struct Vec8 {
+  __m256 v;
+};
+MIXPREC_AVX2 inline Vec8 broadcast8(float x) { return {_mm256_set1_ps(x)}; }
+MIXPREC_AVX2 inline Vec8 op_add(Vec8 a, Vec8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+MIXPREC_AVX2 inline Vec8 op_mul(Vec8 a, Vec8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+MIXPREC_AVX2 inline Vec8 op_div(Vec8 a, Vec8 b) { return {_mm256_div_ps(a.v, b.v)}; }
+MIXPREC_AVX2 inline Vec8 op_sqrt(Vec8 a) { return {_mm256_sqrt_ps(a.v)}; }
+MIXPREC_AVX2 inline Vec8 op_neg(Vec8 a) { return {_mm256_xor_ps(a.v, _mm256_set1_ps(-0.f))}; }
+// maxps returns its second operand when either is NaN: the scalar op_max's semantics.
+MIXPREC_AVX2 inline Vec8 op_max(Vec8 a, Vec8 b) { return {_mm256_max_ps(a.v, b.v)}; }
+
 }  // namespace mixprec::avx2
