@@ -66,7 +66,7 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, step_ptr, lr_ptr, 
     bc1 = 1.0 - tl.exp(step * tl.log(beta1))
     bc2 = 1.0 - tl.exp(step * tl.log(beta2))
     neg_step_size = (-(lr / bc1)).to(tl.float32)
-    bc2_sqrt = tl.sqrt(bc2).to(tl.float32)  # fp64 sqrt is IEEE (sqrt_rn is fp32-only)
+    inv_bc2_sqrt = (1.0 / tl.sqrt(bc2)).to(tl.float32)  # fp64 sqrt and division are IEEE
     decay = (1.0 - lr * wd).to(tl.float32)
     factor = tl.full((), 1.0, tl.float32)
     if HAS_SCALE:
@@ -94,7 +94,7 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, step_ptr, lr_ptr, 
         vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0)
         second = tl.where(vmax > v, vmax, v)
         tl.store(vmax_ptr + offs, second, mask=mask)
-    denom = tl.div_rn(tl.sqrt_rn(second), bc2_sqrt) + eps_f
+    denom = tl.sqrt_rn(second) * inv_bc2_sqrt + eps_f
     w = w + tl.div_rn(neg_step_size * m, denom)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)

@@ -14,9 +14,10 @@ Loss scaling (the torch.amp.GradScaler contract, `_step_supports_amp_scaling`): 
 calling step(); the kernel divides the grads by grad_scale and, if found_inf is nonzero (read on the device),
 writes nothing: params, masters, m, v and the step counts stay as they were.
 
-Clipping (max_grad_norm): if the scaler left `optimizer._mixprec_grad_norm_sq` (a one-element fp32 tensor:
-the sum of squares of the grads as stored in .grad when step() runs, i.e. before the division by
-grad_scale), that norm is used and consumed; otherwise one mixprec.ops.unscale_and_check_ pass computes it.
+Clipping (max_grad_norm): if mixprec.amp.GradScaler left `optimizer._mixprec_grad_norm_sq` (a one-element
+fp32 tensor: the sum of squares of the UNSCALED grads, from its fused unscale pass; set and removed by the
+scaler), that norm is used; otherwise one mixprec.ops.unscale_and_check_ pass computes it (and divides by
+grad_scale).
 The clip coefficient min(1, max_grad_norm / (norm + 1e-6)) (torch.nn.utils.clip_grad_norm_'s) is applied
 inside the kernel. Nothing in step() synchronizes with the device.
 
@@ -161,7 +162,8 @@ class FusedAdam(torch.optim.Optimizer):
 
     def _clip_coefs(self, grads_by_device: dict, grad_scale) -> dict:
         """{device: clip coefficient tensor} for max_grad_norm (see the module docstring)."""
-        norm_sq = getattr(self, "_mixprec_grad_norm_sq", None)
+        norm_sq = getattr(self, "_mixprec_grad_norm_sq", None)  # of the unscaled grads
+        unscaled = norm_sq is not None
         if norm_sq is None:
             total = None
             for device, grads in grads_by_device.items():
@@ -172,7 +174,7 @@ class FusedAdam(torch.optim.Optimizer):
                 total = part if total is None else total + part.to(total.device)
             norm_sq = total
         norm = norm_sq.reshape(1).float().sqrt()
-        if grad_scale is not None:
+        if grad_scale is not None and not unscaled:
             norm = norm / grad_scale.reshape(1).to(norm.device)
         coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         return {device: coef.to(device) for device in grads_by_device}
@@ -223,7 +225,6 @@ class FusedAdam(torch.optim.Optimizer):
                 calls.append((gi, group, device, lists))
 
         clip = self._clip_coefs(grads_by_device, grad_scale) if grads_by_device else {}
-        self.__dict__.pop("_mixprec_grad_norm_sq", None)  # consumed: a norm belongs to one step
         found_by_device: dict = {}
         scale_by_device: dict = {}
         for gi, group, device, (params, grads, exp_avgs, exp_avg_sqs, maxes, masters, steps) in calls:

@@ -77,13 +77,14 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_par
 
     Per tensor i, with s = steps[i] + 1 (this update's number; steps[i] is then set to s):
       coefficients in float64, each rounded once to fp32: bc1 = 1 - beta1^s, bc2 = 1 - beta2^s,
-      neg_step_size = -(lr / bc1), bc2_sqrt = sqrt(bc2), decay = 1 - lr * weight_decay;
+      neg_step_size = -(lr / bc1), inv_bc2_sqrt = 1 / sqrt(bc2), decay = 1 - lr * weight_decay;
       grad factor f = (1 / grad_scale) * clip_coef in fp32 (each factor optional).
     Per element, every operation one fp32 rounding (w: master_params[i] if given, else float(params[i])):
       g = grad * f; g = -g if maximize; Adam: g = g + w * wd / AdamW: w = w * decay (when wd != 0);
       m = beta1 * m + (1 - beta1) * g; v = beta2 * v + ((1 - beta2) * g) * g;
       amsgrad (max_exp_avg_sqs given): vmax = vmax if vmax > v else v, and vmax replaces v below;
-      w = w + (neg_step_size * m) / (sqrt(v) / bc2_sqrt + eps);
+      w = w + (neg_step_size * m) / (sqrt(v) * inv_bc2_sqrt + eps);
+    (torch divides sqrt(v) by sqrt(bc2); multiplying by the reciprocal spares the kernels a division.)
       master_params[i] = w; params[i] = w rounded to nearest even in its dtype (stochastically for bf16
       params without master when sr_seed >= 0).
     If found_inf is given and nonzero, nothing changes (steps included). Never synchronizes with the device.
@@ -108,7 +109,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_par
         bc1 = 1 - torch.pow(beta1, step)
         bc2 = 1 - torch.pow(beta2, step)
         neg_step_size = (-(lr64 / bc1)).float()
-        bc2_sqrt = bc2.sqrt().float()
+        inv_bc2_sqrt = (1 / bc2.sqrt()).float()
         decay = (1 - lr64 * weight_decay).float()
 
         w = master_params[i] if master else p.float()
@@ -131,7 +132,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_par
         # the fp64 sqrt rounded to fp32 is (a float's square root is never close enough to a midpoint for the
         # double rounding to matter), and it is what the kernels' IEEE sqrt gives.
         root = second.double().sqrt().float()
-        w = w + (neg_step_size * m) / (root / bc2_sqrt + eps)
+        w = w + (neg_step_size * m) / (root * inv_bc2_sqrt + eps)
         commit(exp_avgs[i], m)
         commit(exp_avg_sqs[i], v)
         if master:

@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -55,8 +56,15 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     }
   }
   const bool use_avx2 = cpu_use_avx2();
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
+  // note: blocks are handed out one at a time from a shared counter rather than split statically by
+  // at::parallel_for: a core slowed by another process (2 shared cores here) then takes fewer blocks
+  // instead of making the whole step wait for its fixed half. Which thread updates a block does not change
+  // any result.
+  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_blocks), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next_block.fetch_add(1, std::memory_order_relaxed); i < n_blocks;
+         i = next_block.fetch_add(1, std::memory_order_relaxed)) {
       const Block& b = blocks[i];
       const size_t t = static_cast<size_t>(b.tensor);
       const int size = dtype_size(args.dtypes[t]);

@@ -44,7 +44,7 @@ MIXPREC_AVX2 __attribute__((flatten)) void adam_avx2(const AdamBlock& b, const A
   constexpr int kSize = T == DType::Float32 ? 4 : 2;
   const AdamCoeffs<Vec8> cv{broadcast8(c.grad_factor), broadcast8(c.weight_decay), broadcast8(c.decay),
                             broadcast8(c.beta1),       broadcast8(c.one_minus_beta1), broadcast8(c.beta2),
-                            broadcast8(c.one_minus_beta2), broadcast8(c.bc2_sqrt), broadcast8(c.eps),
+                            broadcast8(c.one_minus_beta2), broadcast8(c.inv_bc2_sqrt), broadcast8(c.eps),
                             broadcast8(c.neg_step_size)};
   char* param = static_cast<char*>(b.param);
   const char* grad = static_cast<const char*>(b.grad);
