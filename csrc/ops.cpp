@@ -26,6 +26,10 @@ TORCH_LIBRARY(mixprec, m) {
   m.def(
       "unscale_and_check_(Tensor(a!)[] grads, Tensor inv_scale, Tensor(b!) found_inf, Tensor(c!)? norm_sq=None, "
       "Tensor(d!)? per_tensor_inf=None) -> ()");
+  // fp16/bf16 operands, fp32 accumulation, bias added in fp32, one rounding to out_dtype (default a's dtype).
+  m.def("matmul(Tensor a, Tensor b, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
+  // c (fp32) += a @ b: weight gradients straight into fp32 main grads.
+  m.def("matmul_accumulate_(Tensor(a!) c, Tensor a, Tensor b) -> ()");
   // One fused Adam/AdamW update per element (mixprec/adam_math.h). lists: one tensor per param, except
   // max_exp_avg_sqs (amsgrad) and master_params (fp32 masters of half params), which are empty when unused.
   // steps[i] (one-element fp32) counts the updates done; the op uses steps[i] + 1 and stores it. lr and the
