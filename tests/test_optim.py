@@ -375,3 +375,39 @@ def test_bad_params_and_grads_name_the_parameter():
     model(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match=r"parameter 'weight'.*sparse gradient"):
         opt.step()
+
+
+def test_mixprec_grad_scaler_norm_feeds_clipping(monkeypatch):
+    """mixprec.amp.GradScaler: one fused unscale pass gives found_inf and the norm; FusedAdamW clips with that
+    norm (no second pass over the grads) and follows torch's clip_grad_norm_ + AdamW on an fp32 copy."""
+    from mixprec import optim as mixprec_optim
+    from mixprec.amp import GradScaler
+
+    calls = []
+    original = mixprec_optim.ops.unscale_and_check_
+    monkeypatch.setattr(mixprec_optim.ops, "unscale_and_check_", lambda *a, **k: calls.append(1) or original(*a, **k))
+    dtype = torch.float16
+    params = make_params(dtype, shapes=[(200,), (3, 3)])
+    full = [torch.nn.Parameter(p.detach().float()) for p in params]
+    opt, ref = FusedAdamW(params, lr=1e-2, max_grad_norm=0.5), torch.optim.AdamW(full, lr=1e-2)
+    scaler = GradScaler("cpu", init_scale=1024.0)
+    gen = torch.Generator().manual_seed(12)
+    for step in range(5):
+        grads = [torch.randn(p.shape, generator=gen).to(dtype).float() for p in params]
+        scaler.scale(torch.ones(()))
+        scale = scaler.get_scale()
+        for p, g in zip(params, grads):
+            p.grad = (g * scale).to(dtype)
+        if step == 2:
+            params[1].grad[0, 0] = float("nan")
+        scaler.step(opt)
+        scaler.update()
+        if step == 2:
+            continue
+        for p, g in zip(full, grads):
+            p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(full, 0.5)
+        ref.step()
+    assert calls == [], "the optimizer recomputed a norm the scaler had provided"
+    assert opt.state[params[0]]["step"].item() == 4
+    assert_tracks([opt.state[p]["master_param"] for p in params], full, "mixprec scaler + clipping")
