@@ -258,3 +258,18 @@ def test_cuda_matches_reference_bitwise(config, n):
     skipped = clone(st)
     mixprec.ops.adam_step_(**skipped, **{**kw, "found_inf": torch.ones(1, device="cuda")}, backend="cuda")
     assert_states_equal(skipped, st, f"cuda {config} skipped")
+
+
+def test_torch_compile_fullgraph():
+    st = make_state([(1000,), (7,)], "fp16-master", amsgrad=False, seed=4)
+    eager = clone(st)
+    kw = {k: v for k, v in hyper("fp16-master").items() if k != "sr_seed"}
+
+    def step(s):
+        mixprec.ops.adam_step_(**s, **kw)
+        return s["steps"][0] * 2
+
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(st)
+    expected = step(eager)
+    assert_states_equal(st, eager, "compiled")
+    assert out.item() == expected.item() == 10.0
