@@ -54,3 +54,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, a
         i = int(torch.argmax(torch.where(bad, err - bound, torch.full_like(err, -1.0))))
         raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} elements out of tolerance (rtol={rtol}, "
                              f"atol={atol}); worst at flat index {i}: got {a[i].item()!r}, expected {e[i].item()!r}")
+
+
+def use_backend(name: str, monkeypatch) -> str:
+    """The backend argument for a test parameter: "cpu-avx2" and "cpu-portable" both give "cpu", with
+    MIXPREC_CPU_SIMD set so that the one or the other CPU kernel runs (skips when the CPU lacks AVX2)."""
+    if name.startswith("cpu"):
+        import pytest
+
+        from mixprec.info import cpu_flags
+
+        if name == "cpu-avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
+            pytest.skip("CPU lacks AVX2/FMA/F16C")
+        monkeypatch.setenv("MIXPREC_CPU_SIMD", "1" if name == "cpu-avx2" else "0")
+        return "cpu"
+    return name

@@ -8,7 +8,7 @@ import torch
 
 import mixprec
 from mixprec import reference
-from tests.helpers import assert_bitwise_equal, random_grad
+from tests.helpers import assert_bitwise_equal, random_grad, use_backend
 
 BACKENDS = ["cpu-avx2", "cpu-portable", "triton"]
 SIZES = (1, 7, 127, 129, 1000, 65537)
@@ -25,15 +25,7 @@ CONFIGS = {
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    name = request.param
-    if name.startswith("cpu"):
-        from mixprec.info import cpu_flags
-
-        if name == "cpu-avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
-            pytest.skip("CPU lacks AVX2/FMA/F16C")
-        monkeypatch.setenv("MIXPREC_CPU_SIMD", "1" if name == "cpu-avx2" else "0")
-        return "cpu"
-    return name
+    return use_backend(request.param, monkeypatch)
 
 
 def make_state(shapes, config, *, amsgrad, seed, specials=False, step=4.0, device="cpu"):

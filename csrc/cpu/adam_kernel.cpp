@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "mixprec/static_dispatch.h"
+#include "mixprec/adam_dispatch.h"
 #include "simd_avx2.h"
 
 namespace mixprec::cpu {
@@ -95,27 +95,14 @@ MIXPREC_AVX2 __attribute__((flatten)) void adam_avx2(const AdamBlock& b, const A
 
 void adam_block(const AdamBlock& block, const AdamVariant& v, const AdamCoeffs<float>& coeffs, const AdamFlags& flags,
                 bool use_avx2) {
-  dispatch_dtype(v.dtype, [&](auto T) {
-    dispatch_bool(v.master, [&](auto master) {
-      dispatch_bool(v.stochastic, [&](auto stochastic) {
-        // masters exist for half params only; stochastic rounding is for bf16 params without masters
-        // (adam.cpp refuses the other combinations, which are not instantiated)
-        constexpr bool kValid = (!master || T != DType::Float32) &&
-                                (!stochastic || (T == DType::BFloat16 && !master));
-        if constexpr (kValid) {
-          dispatch_bool(v.amsgrad, [&](auto amsgrad) {
-            dispatch_bool(v.decoupled, [&](auto decoupled) {
-              if (use_avx2) {
-                adam_avx2<T, master, amsgrad, decoupled, stochastic>(block, coeffs, flags);
-              } else {
-                adam_scalar<T, master, amsgrad, decoupled, stochastic>(block, coeffs, flags, 0, block.n);
-              }
-            });
-          });
-        }
-      });
-    });
-  });
+  dispatch_adam_variant(v.dtype, v.master, v.amsgrad, v.decoupled, v.stochastic,
+                        [&](auto T, auto master, auto amsgrad, auto decoupled, auto stochastic) {
+                          if (use_avx2) {
+                            adam_avx2<T, master, amsgrad, decoupled, stochastic>(block, coeffs, flags);
+                          } else {
+                            adam_scalar<T, master, amsgrad, decoupled, stochastic>(block, coeffs, flags, 0, block.n);
+                          }
+                        });
 }
 
 }  // namespace mixprec::cpu

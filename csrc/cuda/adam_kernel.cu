@@ -2,7 +2,7 @@
 #include <vector>
 
 #include "adam_kernel.h"
-#include "mixprec/static_dispatch.h"
+#include "mixprec/adam_dispatch.h"
 #include "multi_tensor.cuh"
 
 namespace mixprec::cuda {
@@ -153,21 +153,10 @@ void launch_variant(const AdamGroup& g, const AdamLaunch& cfg, cudaStream_t stre
 
 void launch_adam(const AdamGroup& group, const AdamLaunch& cfg, cudaStream_t stream, cudaError_t* err) {
   *err = cudaErrorInvalidValue;  // a combination the op refuses (see csrc/adam_args.h) is never launched
-  dispatch_dtype(cfg.dtype, [&](auto T) {
-    dispatch_bool(cfg.master, [&](auto master) {
-      dispatch_bool(cfg.stochastic, [&](auto stochastic) {
-        constexpr bool kValid = (!master || T != DType::Float32) &&
-                                (!stochastic || (T == DType::BFloat16 && !master));
-        if constexpr (kValid) {
-          dispatch_bool(cfg.amsgrad, [&](auto amsgrad) {
-            dispatch_bool(cfg.decoupled, [&](auto decoupled) {
-              launch_variant<T, master, amsgrad, decoupled, stochastic>(group, cfg, stream, err);
-            });
-          });
-        }
-      });
-    });
-  });
+  dispatch_adam_variant(cfg.dtype, cfg.master, cfg.amsgrad, cfg.decoupled, cfg.stochastic,
+                        [&](auto T, auto master, auto amsgrad, auto decoupled, auto stochastic) {
+                          launch_variant<T, master, amsgrad, decoupled, stochastic>(group, cfg, stream, err);
+                        });
 }
 
 void launch_adam_count_steps(int64_t n_tensors, void* const* steps, const float* found_inf, cudaStream_t stream,
