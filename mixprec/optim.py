@@ -30,6 +30,7 @@ import torch
 
 from mixprec import _backend, ops
 from mixprec.ops import adam as _adam_op
+from mixprec.ops._validate import is_non_overlapping_and_dense
 
 __all__ = ["FusedAdam", "FusedAdamW"]
 
@@ -90,6 +91,9 @@ class FusedAdam(torch.optim.Optimizer):
             if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 raise ValueError(f"{type(self).__name__}: {name} has dtype {p.dtype}; "
                                  "supported are float32, float16 and bfloat16")
+            if not is_non_overlapping_and_dense(p):
+                raise ValueError(f"{type(self).__name__}: {name} is not dense (a view with gaps or overlaps, strides "
+                                 f"{p.stride()}); the fused update walks storage linearly: pass a contiguous param")
             if group["stochastic_rounding"] and p.dtype == torch.float16:
                 raise ValueError(f"{type(self).__name__}: {name} is float16; stochastic rounding is for bfloat16 "
                                  "params (give fp16 params master weights in another param group)")
@@ -207,6 +211,10 @@ class FusedAdam(torch.optim.Optimizer):
                 if g.device != p.device:
                     raise RuntimeError(f"{type(self).__name__}: the gradient of {self._param_name(group, gi, i)} "
                                        f"is on {g.device}, the parameter on {p.device}")
+                if g.stride() != p.stride() and p.numel() > 1:
+                    raise RuntimeError(f"{type(self).__name__}: the gradient of {self._param_name(group, gi, i)} "
+                                       f"has strides {g.stride()}, the parameter {p.stride()} (autograd's grads "
+                                       "match their params; a grad set by hand must too)")
                 state = self._init_state(group, p)
                 master = "master_param" in state and self._needs_master(group, p)
                 b = buckets.setdefault((p.device, master), ([], [], [], [], [], [], []))

@@ -411,3 +411,24 @@ def test_mixprec_grad_scaler_norm_feeds_clipping(monkeypatch):
     assert calls == [], "the optimizer recomputed a norm the scaler had provided"
     assert opt.state[params[0]]["step"].item() == 4
     assert_tracks([opt.state[p]["master_param"] for p in params], full, "mixprec scaler + clipping")
+
+
+def test_layouts_dense_views_work_gappy_views_are_refused():
+    transposed = torch.nn.Parameter(torch.randn(6, 8).t())  # dense, not contiguous
+    assert not transposed.is_contiguous()
+    ref = torch.nn.Parameter(transposed.detach().clone())
+    opt, torch_opt = FusedAdamW([transposed], lr=1e-2), torch.optim.AdamW([ref], lr=1e-2)
+    for _ in range(3):
+        g = torch.randn(8, 6)
+        transposed.grad = torch.empty_like(transposed).copy_(g)
+        ref.grad = g.clone()
+        opt.step()
+        torch_opt.step()
+    assert_tracks([transposed], [ref], "transposed param")
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] is not dense"):
+        FusedAdamW([torch.nn.Parameter(torch.randn(8, 6)[:, ::2])])
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    opt = FusedAdamW([p])
+    p.grad = torch.randn(6, 8).t()
+    with pytest.raises(RuntimeError, match=r"gradient of param_groups\[0\]\['params'\]\[0\] has strides"):
+        opt.step()
