@@ -41,6 +41,9 @@ TORCH_LIBRARY(mixprec, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] steps, Tensor lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled, bool maximize=False, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor? clip_coef=None, int sr_seed=-1) -> ()");
+  // Private: the CPU memory-bandwidth ceiling of the benchmarks (benchmarks/ceiling.py). Reads every byte of
+  // `reads`, then writes every byte of `writes`; a tensor in both lists is streamed in place.
+  m.def("_stream_bench_(Tensor[] reads, Tensor(a!)[] writes) -> ()");
 }
 
 }  // namespace mixprec

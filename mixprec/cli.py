@@ -14,17 +14,51 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from mixprec import bench
+
+    return bench.main(args, args.argv[1:])
+
+
+def _cmd_inspect(args) -> int:
+    from mixprec import inspect
+
+    return inspect.main(args)
+
+
+def _cmd_selftest(args) -> int:
+    from mixprec import selftest
+
+    return selftest.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mixprec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, what the extension was built with, devices, backend choice")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
+
+    from mixprec import bench, inspect, selftest  # light modules: torch and triton load inside their commands
+
+    p = sub.add_parser("bench", help="run the kernel microbenchmarks, print a table, write JSON/CSV/plots")
+    bench.add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("inspect", help="GPU kernels without a GPU: registers, spills, smem, occupancy, "
+                                       "tensor-core instructions, roofline prediction")
+    inspect.add_arguments(p)
+    p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("selftest", help="check every op and backend on this device against mixprec.reference, "
+                                        "then print the benchmark table")
+    selftest.add_arguments(p)
+    p.set_defaults(func=_cmd_selftest)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # bench records its own command line
     return args.func(args)
 
 
