@@ -8,19 +8,12 @@ import torch
 
 import mixprec
 from mixprec import reference
-from tests.helpers import assert_bitwise_equal, random_grad, use_backend
+from mixprec.ops.adam import VARIANTS, assert_states_equal, hyper, random_state, run_reference
+from tests.helpers import assert_bitwise_equal, use_backend
 
 BACKENDS = ["cpu-avx2", "cpu-portable", "triton"]
 SIZES = (1, 7, 127, 129, 1000, 65537)
-# (param dtype, master weights, stochastic rounding): the variants the op supports
-CONFIGS = {
-    "fp32": (torch.float32, False, False),
-    "fp16-master": (torch.float16, True, False),
-    "bf16-master": (torch.bfloat16, True, False),
-    "fp16": (torch.float16, False, False),
-    "bf16": (torch.bfloat16, False, False),
-    "bf16-sr": (torch.bfloat16, False, True),
-}
+CONFIGS = VARIANTS
 
 
 @pytest.fixture(params=BACKENDS)
@@ -28,52 +21,12 @@ def backend(request, monkeypatch):
     return use_backend(request.param, monkeypatch)
 
 
-def make_state(shapes, config, *, amsgrad, seed, specials=False, step=4.0, device="cpu"):
-    """A random optimizer state: params near 1, grads over several binades, m and v as after a few steps."""
-    dtype, master, _ = CONFIGS[config]
-    gen = torch.Generator().manual_seed(seed)
-    st = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs", "master_params")}
-    for shape in shapes:
-        n = int(torch.tensor(shape).prod())
-        w = torch.randn(shape, generator=gen) * 2
-        st["params"].append(w.to(dtype))
-        st["grads"].append(random_grad(n, dtype, generator=gen, specials=specials, scale=8.0).reshape(shape))
-        st["exp_avgs"].append(torch.randn(shape, generator=gen) * 0.1)
-        st["exp_avg_sqs"].append(torch.rand(shape, generator=gen) * 0.01)
-        st["steps"].append(torch.tensor(step))
-        if amsgrad:
-            st["max_exp_avg_sqs"].append(st["exp_avg_sqs"][-1] * torch.rand(shape, generator=gen) * 2)
-        if master:  # a master that is not exactly the param: the param must be written from the master
-            st["master_params"].append(w + torch.randn(shape, generator=gen) * 1e-3)
-    return {k: [t.to(device) for t in v] for k, v in st.items()}
+def make_state(shapes, config, **kwargs):
+    return random_state(shapes, config, **kwargs)
 
 
 def clone(st):
     return {k: [t.clone() for t in v] for k, v in st.items()}
-
-
-def hyper(config, *, decoupled=True, maximize=False, weight_decay=0.01, found_inf=0.0, clip=0.7, scale=1024.0):
-    return dict(lr=torch.tensor([1e-3]), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay,
-                decoupled=decoupled, maximize=maximize, grad_scale=torch.tensor([scale]),
-                found_inf=None if found_inf is None else torch.tensor([found_inf]),
-                clip_coef=None if clip is None else torch.tensor([clip]),
-                sr_seed=1234 if CONFIGS[config][2] else None)
-
-
-def run_reference(st, kw):
-    kw = dict(kw)
-    sr = kw.pop("sr_seed")
-    lr = kw.pop("lr")
-    reference.adam_step_(st["params"], st["grads"], st["exp_avgs"], st["exp_avg_sqs"], st["max_exp_avg_sqs"],
-                         st["master_params"], st["steps"], lr, kw["beta1"], kw["beta2"], kw["eps"],
-                         kw["weight_decay"], kw["decoupled"], kw["maximize"], kw["grad_scale"], kw["found_inf"],
-                         kw["clip_coef"], -1 if sr is None else sr)
-
-
-def assert_states_equal(actual, expected, what):
-    for key in actual:
-        for i, (a, e) in enumerate(zip(actual[key], expected[key])):
-            assert_bitwise_equal(a, e, f"{what}: {key}[{i}]")
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -243,7 +196,7 @@ def test_cuda_matches_reference_bitwise(config, n):
     k = SIZES.index(n) if n in SIZES else 0
     st = make_state([(n,), (5, 3)], config, amsgrad=bool(k & 1), seed=n, device="cuda")
     expected = clone(st)
-    kw = {key: (v.cuda() if isinstance(v, torch.Tensor) else v) for key, v in hyper(config).items()}
+    kw = hyper(config, device="cuda")
     mixprec.ops.adam_step_(**st, **kw, backend="cuda")
     run_reference(expected, kw)
     assert_states_equal(st, expected, f"cuda {config} n={n}")

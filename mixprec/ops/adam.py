@@ -103,3 +103,100 @@ if _ext.available():
     def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, beta1, beta2, eps,
           weight_decay, decoupled, maximize=False, grad_scale=None, found_inf=None, clip_coef=None, sr_seed=-1):
         return None
+
+
+# ---- checks shared by tests/test_adam.py and `python -m mixprec selftest` ----
+
+# (param dtype, master weights, stochastic rounding): the variants the kernels implement
+VARIANTS = {
+    "fp32": (torch.float32, False, False),
+    "fp16-master": (torch.float16, True, False),
+    "bf16-master": (torch.bfloat16, True, False),
+    "fp16": (torch.float16, False, False),
+    "bf16": (torch.bfloat16, False, False),
+    "bf16-sr": (torch.bfloat16, False, True),
+}
+
+
+def random_state(shapes, variant: str, *, amsgrad: bool, seed: int, specials: bool = False, step: float = 4.0,
+                 device="cpu") -> dict:
+    """The list arguments of adam_step_ for `variant`, as a dict: params near +-2, grads over several binades
+    (planted inf/NaN when `specials`), m and v as after a few steps, masters a little off their params (so
+    that the param must be written from the master)."""
+    from mixprec.testing import random_grad
+
+    dtype, master, _ = VARIANTS[variant]
+    gen = torch.Generator().manual_seed(seed)
+    st = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs", "master_params")}
+    for shape in shapes:
+        w = torch.randn(shape, generator=gen) * 2
+        st["params"].append(w.to(dtype))
+        st["grads"].append(random_grad(w.numel(), dtype, generator=gen, specials=specials, scale=8.0).reshape(shape))
+        st["exp_avgs"].append(torch.randn(shape, generator=gen) * 0.1)
+        st["exp_avg_sqs"].append(torch.rand(shape, generator=gen) * 0.01)
+        st["steps"].append(torch.tensor(step))
+        if amsgrad:
+            st["max_exp_avg_sqs"].append(st["exp_avg_sqs"][-1] * torch.rand(shape, generator=gen) * 2)
+        if master:
+            st["master_params"].append(w + torch.randn(shape, generator=gen) * 1e-3)
+    return {k: [t.to(device) for t in v] for k, v in st.items()}
+
+
+def hyper(variant: str, *, device="cpu", decoupled=True, maximize=False, weight_decay=0.01, found_inf=0.0, clip=0.7,
+          scale=1024.0) -> dict:
+    """The other keyword arguments of adam_step_ for a check (device scalars; sr_seed for the SR variant)."""
+    def scalar(x):
+        return None if x is None else torch.tensor([x], device=device)
+
+    return dict(lr=scalar(1e-3), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, decoupled=decoupled,
+                maximize=maximize, grad_scale=scalar(scale), found_inf=scalar(found_inf), clip_coef=scalar(clip),
+                sr_seed=1234 if VARIANTS[variant][2] else None)
+
+
+def run_reference(st: dict, kw: dict) -> None:
+    """mixprec.reference.adam_step_ on state `st` with adam_step_'s keyword arguments `kw`."""
+    sr = kw["sr_seed"]
+    reference.adam_step_(st["params"], st["grads"], st["exp_avgs"], st["exp_avg_sqs"], st["max_exp_avg_sqs"],
+                         st["master_params"], st["steps"], kw["lr"], kw["beta1"], kw["beta2"], kw["eps"],
+                         kw["weight_decay"], kw["decoupled"], kw["maximize"], kw["grad_scale"], kw["found_inf"],
+                         kw["clip_coef"], -1 if sr is None else sr)
+
+
+def assert_states_equal(actual: dict, expected: dict, what: str) -> None:
+    from mixprec.testing import assert_bitwise_equal
+
+    for key in actual:
+        for i, (a, e) in enumerate(zip(actual[key], expected[key])):
+            assert_bitwise_equal(a, e, f"{what}: {key}[{i}]")
+
+
+def selftest_cases(device: str) -> list:
+    """`python -m mixprec selftest` checks of this op: every backend on `device` and every variant, bit for bit
+    against mixprec.reference (odd sizes, several chunks, amsgrad and both decays), then the skipped step."""
+    import functools
+
+    from mixprec.selftest import Case, backends
+
+    problems = [((129,), False, False), ((1000, 7), True, True), ((70001,), False, True)]
+    cases = []
+    for b in backends(device):
+        for variant in VARIANTS:
+            for seed, (shape, amsgrad, decoupled) in enumerate(problems):
+                check = functools.partial(_selftest_check, b.name, variant, shape, amsgrad, decoupled, device, seed)
+                label = f"{shape}{' amsgrad' if amsgrad else ''} {'AdamW' if decoupled else 'Adam'}"
+                cases.append(Case("adam_step_", b.label, variant, label, check, b.env))
+    return cases
+
+
+def _selftest_check(backend, variant, shape, amsgrad, decoupled, device, seed) -> str:
+    st = random_state([shape, (3, 5)], variant, amsgrad=amsgrad, seed=seed, device=device)
+    expected = {k: [t.clone() for t in v] for k, v in st.items()}
+    kw = hyper(variant, device=device, decoupled=decoupled, maximize=bool(seed % 2))
+    adam_step_(**st, **kw, backend=backend)
+    run_reference(expected, kw)
+    assert_states_equal(st, expected, f"{backend} {variant}")
+    skipped = random_state([shape], variant, amsgrad=amsgrad, seed=seed, specials=True, device=device)
+    before = {k: [t.clone() for t in v] for k, v in skipped.items()}
+    adam_step_(**skipped, **hyper(variant, device=device, found_inf=1.0), backend=backend)
+    assert_states_equal(skipped, before, f"{backend} {variant} skipped step")
+    return "bitwise equal to the reference; a skipped step wrote nothing"
