@@ -124,7 +124,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = tail + threadIdx.x; i < end; i += kThreads) update_one(i);
 }
 
-__global__ void count_steps_kernel(TensorListMeta<1> meta, const float* __restrict__ found_inf) {
+constexpr int kCountThreads = 32;
+
+__global__ void __launch_bounds__(kCountThreads)
+    count_steps_kernel(TensorListMeta<1> meta, const float* __restrict__ found_inf) {
   if (found_inf != nullptr && *found_inf != 0.f) return;
   if (threadIdx.x == 0) *static_cast<float*>(meta.addr[0][meta.block_tensor[blockIdx.x]]) += 1.f;
 }
@@ -169,7 +172,7 @@ void launch_adam_count_steps(int64_t n_tensors, void* const* steps, const float*
   multi_tensor_apply<1>(
       n_tensors, lists, ones.data(), index.data(), 0,
       [&](const TensorListMeta<1>& meta, int n_blocks) {
-        count_steps_kernel<<<n_blocks, 32, 0, stream>>>(meta, found_inf);
+        count_steps_kernel<<<n_blocks, kCountThreads, 0, stream>>>(meta, found_inf);
       },
       err);
 }
