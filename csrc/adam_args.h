@@ -25,8 +25,9 @@ inline std::string item(const char* list, size_t i) { return std::string(list) +
 inline void check_like_param(const at::Tensor& t, const std::string& arg, const at::Tensor& param, size_t i,
                              const at::Device& device) {
   check_dense(t, arg, device);
-  TORCH_CHECK(t.sizes() == param.sizes() && t.strides() == param.strides(), arg, " must have the shape and strides of params[",
-              i, "] (", param.sizes(), ", ", param.strides(), "), got ", t.sizes(), ", ", t.strides());
+  TORCH_CHECK(t.sizes() == param.sizes() && t.strides() == param.strides(), arg,
+              " must have the shape and strides of params[", i, "] (", param.sizes(), ", ", param.strides(), "), got ",
+              t.sizes(), ", ", t.strides());
 }
 
 inline void check_list_size(at::TensorList list, const char* name, size_t n, bool may_be_empty) {

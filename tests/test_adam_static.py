@@ -53,7 +53,8 @@ def test_triton_adam_compiles_without_spills(cc, variant, tmp_path):
 @pytest.mark.skipif(not (_ext.available() and _ext.has_cuda_kernels()), reason="mixprec._C built without CUDA")
 @pytest.mark.parametrize("cc", [80, 90])
 def test_cuda_adam_kernels_without_spills(cc):
-    kernels = {n: k for n, k in inspect_binary(_ext._C.__file__, cc).items() if "11adam_kernelI" in n}  # the templates, not count_steps
+    # the adam_kernel templates (mangled "11adam_kernelI"), not count_steps_kernel from the same file
+    kernels = {n: k for n, k in inspect_binary(_ext._C.__file__, cc).items() if "11adam_kernelI" in n}
     # 6 (dtype, master, stochastic) combinations x amsgrad x decoupled
     assert len(kernels) == 24, sorted(kernels)
     for name, info in kernels.items():

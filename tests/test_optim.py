@@ -319,8 +319,9 @@ def test_lr_schedulers_float_and_tensor_lr():
             sched_a.step()
             sched_b.step()
         assert_tracks(a, b, f"OneCycleLR with lr={lr!r}")
-    for make in (lambda o: torch.optim.lr_scheduler.StepLR(o, 2), lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 5),
-                 lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.9 ** s)):
+    schedulers = torch.optim.lr_scheduler
+    for make in (lambda o: schedulers.StepLR(o, 2), lambda o: schedulers.CosineAnnealingLR(o, 5),
+                 lambda o: schedulers.LambdaLR(o, lambda s: 0.9 ** s)):
         p = make_params(shapes=[(3,)])
         opt = FusedAdam(p)
         sched = make(opt)
