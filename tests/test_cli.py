@@ -222,7 +222,8 @@ def test_selftest_cpu_passes_and_names_each_check():
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
     backends = {line.split()[2] for line in lines}
     assert {"cpu-portable", "triton-interp"} <= backends
-    assert all(line.startswith("ok") and "unscale_and_check_" in line for line in lines)
+    assert all(line.startswith("ok") for line in lines)
+    assert any("unscale_and_check_" in line for line in lines)  # other ops add their own cases
     assert "0 failed" in proc.stdout
 
 
