@@ -4,7 +4,6 @@ import io
 import pytest
 import torch
 
-import mixprec
 from mixprec.optim import FusedAdam, FusedAdamW
 from tests.helpers import assert_bitwise_equal, assert_close
 
