@@ -246,8 +246,9 @@ def test_selftest_cpu_passes_and_names_each_check():
     assert {("unscale_and_check_", "cpu-portable"), ("unscale_and_check_", "triton-interp")} <= checked
     for op in ("matmul", "matmul_accumulate_"):
         assert {(op, "cpu"), (op, "triton-interp")} <= checked
+    assert any(op == "adam_step_" for op, _ in checked)
     assert all(line.startswith("ok") for line in lines)
-    assert {op for op, _ in checked} == {"unscale_and_check_", "matmul", "matmul_accumulate_"}
+    assert {op for op, _ in checked} == {"unscale_and_check_", "matmul", "matmul_accumulate_", "adam_step_"}
     assert "not checked here" not in proc.stdout
     assert "0 failed" in proc.stdout
 
