@@ -65,7 +65,7 @@ class StandInGradScaler(torch.amp.GradScaler):
     found_inf is all-reduced with MAX across ranks so every rank skips the same steps even when only one
     rank's grads overflowed after the gradient all-reduce (or when grads are sharded)."""
 
-    supports_dtensor = True  # torch's foreach unscale runs on DTensor grads (see prepare.check_dtensor_support)
+    supports_dtensor = True  # torch's foreach unscale runs on DTensor grads (see precision.check_dtensor_support)
 
     def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
         per_device = super()._unscale_grads_(optimizer, inv_scale, found_inf, True)

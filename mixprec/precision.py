@@ -1,4 +1,4 @@
-"""mixprec.prepare: turn an fp32 model into a mixed precision one in one call (Apex O2 style).
+"""mixprec.prepare (defined here, exported from mixprec): turn an fp32 model into a mixed precision one in one call (Apex O2 style).
 
     model, optimizer, scaler = mixprec.prepare(model, dtype=torch.float16, optimizer_kwargs={"lr": 1e-3})
     ...
