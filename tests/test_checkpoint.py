@@ -19,13 +19,7 @@ from helpers import assert_bitwise_equal
 train = load_train_example()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bitwise comparisons between runs need the same GEMM blocking, hence the same thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _small_digits(steps: int) -> train.Task:
