@@ -26,6 +26,13 @@ TORCH_LIBRARY(mixprec, m) {
   m.def(
       "unscale_and_check_(Tensor(a!)[] grads, Tensor inv_scale, Tensor(b!) found_inf, Tensor(c!)? norm_sq=None, "
       "Tensor(d!)? per_tensor_inf=None) -> ()");
+  // fp16/bf16 operands, fp32 accumulation, bias added in fp32, one rounding to out_dtype (default a's dtype).
+  m.def("matmul(Tensor a, Tensor b, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
+  // c (fp32) += a @ b: weight gradients straight into fp32 main grads.
+  m.def("matmul_accumulate_(Tensor(a!) c, Tensor a, Tensor b) -> ()");
+  // Private: the CPU memory-bandwidth ceiling of the benchmarks (benchmarks/ceiling.py). Reads every byte of
+  // `reads`, then writes every byte of `writes`; a tensor in both lists is streamed in place.
+  m.def("_stream_bench_(Tensor[] reads, Tensor(a!)[] writes) -> ()");
 }
 
 }  // namespace mixprec

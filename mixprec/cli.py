@@ -42,12 +42,44 @@ def _cmd_demo(args) -> int:
     return load_train_example().main(args.demo_args)
 
 
+def _cmd_bench(args) -> int:
+    from mixprec import bench
+
+    return bench.main(args, args.argv[1:])
+
+
+def _cmd_inspect(args) -> int:
+    from mixprec import inspect
+
+    return inspect.main(args)
+
+
+def _cmd_selftest(args) -> int:
+    from mixprec import selftest
+
+    return selftest.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mixprec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, what the extension was built with, devices, backend choice")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
+
+    from mixprec import bench, inspect, selftest  # light modules: torch and triton load inside their commands
+
+    p = sub.add_parser("bench", help="run the kernel microbenchmarks, print a table, write JSON/CSV/plots")
+    bench.add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("inspect", help="GPU kernels without a GPU: registers, spills, smem, occupancy, "
+                                       "tensor-core instructions, roofline prediction")
+    inspect.add_arguments(p)
+    p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("selftest", help="check every op and backend on this device against mixprec.reference, "
+                                        "then print the benchmark table")
+    selftest.add_arguments(p)
+    p.set_defaults(func=_cmd_selftest)
     # add_help=False and parse_known_args in main(): every demo option (--help included) goes to examples/train.py
     p = sub.add_parser("demo", help="train small real models in fp32, fp16 and bf16; table and PNG "
                                     "(`demo --help` for its options)", add_help=False)
@@ -56,11 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "demo":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.demo_args = rest
+    args.argv = argv  # bench records its own command line
     return args.func(args)
 
 

@@ -36,3 +36,17 @@ def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, per_tensor_inf
         g.copy_(unscaled)  # one rounding, to nearest even
     if norm_sq is not None:
         norm_sq.add_(total.to(norm_sq.dtype))
+
+
+def matmul(a, b, bias=None, out_dtype=None):
+    """a [..., M, K] @ b [K, N] (+ bias [N]) computed in fp32 from the exact products of the half inputs, bias
+    added in fp32, rounded once to out_dtype (default a's dtype)."""
+    acc = torch.matmul(a.float(), b.float())
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(out_dtype or a.dtype)
+
+
+def matmul_accumulate_(c, a, b):
+    """c (fp32) += a @ b, the product computed in fp32."""
+    c.add_(torch.matmul(a.float(), b.float()))

@@ -227,3 +227,19 @@ def test_cuda_matches_torch(dtype):
     ref = torch.zeros(1, device="cuda")
     reference.unscale_and_check_([c.clone() for c in clean], inv_scale, torch.zeros(1, device="cuda"), ref)
     assert norms[0] == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kernel_backend", ["cpu", "triton"])
+def test_inv_scale_one_is_a_read_only_check_pass(kernel_backend):
+    """With inv_scale == 1 the kernels must not write: a signalling NaN, which any fp32 multiply-and-store would
+    quiet (0x7f800001 -> 0x7fc00001), keeps its bits, while the overflow is still found."""
+    g = torch.randn(100_000)
+    g.view(torch.int32)[12345] = 0x7F800001
+    before = g.view(torch.int32).clone()
+    found_inf, norm_sq = torch.zeros(1), torch.zeros(1)
+    mixprec.ops.unscale_and_check_([g], torch.ones(1), found_inf, norm_sq, backend=kernel_backend)
+    assert torch.equal(g.view(torch.int32), before)
+    assert found_inf.item() == 1.0
+    # and with any other scale it does write (so the check above can fail)
+    mixprec.ops.unscale_and_check_([g], torch.tensor([0.5]), found_inf, norm_sq, backend=kernel_backend)
+    assert g.view(torch.int32)[12345].item() != 0x7F800001

@@ -6,7 +6,8 @@
 namespace mixprec::cpu {
 namespace {
 
-template <DType T>
+// kWrite is false for inv_scale == 1: the values would not change, so the pass only reads (a check pass).
+template <DType T, bool kWrite>
 UnscaleBlockResult unscale_portable(void* data, int64_t n, float inv_scale) {
   // note: four independent partial sums, combined in a fixed order, so the result does not depend on how
   // the compiler schedules the loop and the loop is not one long dependency chain.
@@ -16,13 +17,13 @@ UnscaleBlockResult unscale_portable(void* data, int64_t n, float inv_scale) {
     const float g = load_as_float<T>(data, i);
     nonfinite |= is_nonfinite(g);
     const float u = unscale_value(g, inv_scale);
-    store_from_float<T>(data, i, u);
+    if constexpr (kWrite) store_from_float<T>(data, i, u);
     acc[i & 3] += u * u;
   }
   return {(acc[0] + acc[1]) + (acc[2] + acc[3]), nonfinite};
 }
 
-template <DType T>
+template <DType T, bool kWrite>
 MIXPREC_AVX2 UnscaleBlockResult unscale_avx2(void* data, int64_t n, float inv_scale) {
   using namespace avx2;
   char* bytes = static_cast<char*>(data);
@@ -37,18 +38,21 @@ MIXPREC_AVX2 UnscaleBlockResult unscale_avx2(void* data, int64_t n, float inv_sc
     bad = _mm256_or_ps(bad, _mm256_or_ps(nonfinite_mask(g0), nonfinite_mask(g1)));
     const __m256 u0 = _mm256_mul_ps(g0, inv);
     const __m256 u1 = _mm256_mul_ps(g1, inv);
-    store8<T>(bytes + i * kSize, u0);
-    store8<T>(bytes + (i + 8) * kSize, u1);
+    if constexpr (kWrite) {
+      store8<T>(bytes + i * kSize, u0);
+      store8<T>(bytes + (i + 8) * kSize, u1);
+    }
     acc0 = _mm256_fmadd_ps(u0, u0, acc0);
     acc1 = _mm256_fmadd_ps(u1, u1, acc1);
   }
-  UnscaleBlockResult tail = unscale_portable<T>(bytes + i * kSize, n - i, inv_scale);
+  UnscaleBlockResult tail = unscale_portable<T, kWrite>(bytes + i * kSize, n - i, inv_scale);
   return {hsum(_mm256_add_ps(acc0, acc1)) + tail.sum_sq, tail.nonfinite || _mm256_movemask_ps(bad) != 0};
 }
 
 template <DType T>
 UnscaleBlockResult unscale_dispatch(void* data, int64_t n, float inv_scale, bool use_avx2) {
-  return use_avx2 ? unscale_avx2<T>(data, n, inv_scale) : unscale_portable<T>(data, n, inv_scale);
+  if (inv_scale == 1.f) return use_avx2 ? unscale_avx2<T, false>(data, n, 1.f) : unscale_portable<T, false>(data, n, 1.f);
+  return use_avx2 ? unscale_avx2<T, true>(data, n, inv_scale) : unscale_portable<T, true>(data, n, inv_scale);
 }
 
 }  // namespace

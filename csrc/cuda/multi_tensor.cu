@@ -5,7 +5,7 @@ namespace {
 
 constexpr int kSumThreads = 512;
 
-__global__ void sum_into_kernel(const float* __restrict__ values, int64_t n, float* __restrict__ out) {
+__global__ void __launch_bounds__(kSumThreads) sum_into_kernel(const float* __restrict__ values, int64_t n, float* __restrict__ out) {
   float acc = 0.f;
   for (int64_t i = threadIdx.x; i < n; i += kSumThreads) acc += values[i];  // fixed per-thread order
   const float total = block_sum<kSumThreads>(acc);

@@ -8,12 +8,13 @@ namespace {
 constexpr int kThreads = 512;
 
 // Unscale one element in place; returns its square and raises bad on inf/NaN.
+// write is false for inv == 1 (the values would not change): a check pass then only reads.
 template <DType T>
-__device__ __forceinline__ float unscale_one(void* base, int64_t i, float inv, bool& bad) {
+__device__ __forceinline__ float unscale_one(void* base, int64_t i, float inv, bool write, bool& bad) {
   const float g = load_as_float<T>(base, i);
   bad |= is_nonfinite(g);
   const float u = unscale_value(g, inv);
-  store_from_float<T>(base, i, u);
+  if (write) store_from_float<T>(base, i, u);
   return u * u;
 }
 
@@ -26,6 +27,7 @@ __global__ void __launch_bounds__(kThreads) unscale_kernel(TensorListMeta<1> met
   const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunkSize;
   const int64_t end = min(meta.numel[slot], begin + kChunkSize);
   const float inv = *inv_scale;
+  const bool write = inv != 1.f;  // uniform across the grid
   float acc = 0.f;
   bool bad = false;
 
@@ -37,12 +39,12 @@ __global__ void __launch_bounds__(kThreads) unscale_kernel(TensorListMeta<1> met
     for (int64_t v = begin + threadIdx.x * kVec; v < vec_end; v += kThreads * kVec) {
       uint4 packed = *reinterpret_cast<const uint4*>(static_cast<char*>(base) + v * (16 / kVec));
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) acc += unscale_one<T>(&packed, k, inv, bad);
-      *reinterpret_cast<uint4*>(static_cast<char*>(base) + v * (16 / kVec)) = packed;
+      for (int k = 0; k < kVec; ++k) acc += unscale_one<T>(&packed, k, inv, write, bad);
+      if (write) *reinterpret_cast<uint4*>(static_cast<char*>(base) + v * (16 / kVec)) = packed;
     }
     i = vec_end;
   }
-  for (int64_t j = i + threadIdx.x; j < end; j += kThreads) acc += unscale_one<T>(base, j, inv, bad);
+  for (int64_t j = i + threadIdx.x; j < end; j += kThreads) acc += unscale_one<T>(base, j, inv, write, bad);
 
   if (partials != nullptr) {
     const float block_total = block_sum<kThreads>(acc);

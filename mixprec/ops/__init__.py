@@ -1,4 +1,5 @@
 """The public functional API of mixprec's kernels. Each op takes backend="auto"|"cuda"|"triton"|"cpu"|"reference"."""
+from mixprec.ops.gemm import matmul, matmul_accumulate_
 from mixprec.ops.unscale import unscale_and_check_
 
-__all__ = ["unscale_and_check_"]
+__all__ = ["matmul", "matmul_accumulate_", "unscale_and_check_"]

@@ -12,13 +12,18 @@ def check_tensor_list(name: str, tensors, *, dtypes=FLOAT_DTYPES, allow_none: bo
     for i, t in enumerate(tensors):
         if t is None and allow_none:
             continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise TypeError(f"{name}[{i}] must be a dense tensor, got layout {t.layout} (sparse gradients are not supported)")
-        if t.dtype not in dtypes:
-            raise TypeError(f"{name}[{i}] must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+        check_tensor(f"{name}[{i}]", t, dtypes=dtypes)
     return list(tensors)
+
+
+def check_tensor(name: str, t, *, dtypes=FLOAT_DTYPES) -> None:
+    """A dense (strided) tensor of one of `dtypes`."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {t.layout} (sparse tensors are not supported)")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
 
 
 def common_device(name: str, tensors) -> torch.device | None:

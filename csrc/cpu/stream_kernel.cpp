@@ -1,0 +1,83 @@
+#include "stream_kernel.h"
+
+#include <cstring>
+
+#include "simd_avx2.h"
+
+namespace mixprec::cpu {
+namespace {
+
+// note: the ceiling must do no more work per byte than the kernels it judges do, so the only operation is
+// an integer XOR (one cycle, four independent chains to hide its latency) and the stores are ordinary
+// stores, as in every mixprec kernel: non-temporal stores would avoid the read-for-ownership of pure
+// write arrays and measure a ceiling no mixprec kernel could reach.
+
+uint64_t fold_portable(const uint8_t* p, int64_t n) {
+  uint64_t acc[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    for (int k = 0; k < 4; ++k) {
+      uint64_t v;
+      std::memcpy(&v, p + i + 8 * k, 8);
+      acc[k] ^= v;
+    }
+  }
+  uint64_t out = acc[0] ^ acc[1] ^ acc[2] ^ acc[3];
+  for (; i < n; ++i) out ^= static_cast<uint64_t>(p[i]) << (8 * (i & 7));
+  return out;
+}
+
+void fill_portable(uint8_t* p, int64_t n, uint64_t value) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) std::memcpy(p + i, &value, 8);
+  for (; i < n; ++i) p[i] = static_cast<uint8_t>(value >> (8 * (i & 7)));
+}
+
+MIXPREC_AVX2 uint64_t fold_avx2(const uint8_t* p, int64_t n) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    a0 = _mm256_xor_si256(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
+    a1 = _mm256_xor_si256(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32)));
+    a2 = _mm256_xor_si256(a2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 64)));
+    a3 = _mm256_xor_si256(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 96)));
+  }
+  const __m256i a = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+  const __m128i h = _mm_xor_si128(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+  const uint64_t folded = static_cast<uint64_t>(_mm_extract_epi64(h, 0) ^ _mm_extract_epi64(h, 1));
+  return folded ^ fold_portable(p + i, n - i);
+}
+
+MIXPREC_AVX2 void fill_avx2(uint8_t* p, int64_t n, uint64_t value) {
+  const __m256i v = _mm256_set1_epi64x(static_cast<long long>(value));
+  int64_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i + 32), v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i + 64), v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i + 96), v);
+  }
+  fill_portable(p + i, n - i, value);
+}
+
+}  // namespace
+
+uint64_t stream_block(const ByteSpan* reads, int n_reads, const ByteSpan* writes, int n_writes, bool use_avx2) {
+  // note: all reads of the block first, then all writes. A block holds at most a few tens of KB per array,
+  // so an in-place array's lines are still in L2 when written: main memory sees each line read once and
+  // written back once, the traffic of a fused in-place kernel.
+  uint64_t acc = 0;
+  for (int r = 0; r < n_reads; ++r) {
+    acc ^= use_avx2 ? fold_avx2(reads[r].data, reads[r].size) : fold_portable(reads[r].data, reads[r].size);
+  }
+  for (int w = 0; w < n_writes; ++w) {
+    if (use_avx2) {
+      fill_avx2(writes[w].data, writes[w].size, acc);
+    } else {
+      fill_portable(writes[w].data, writes[w].size, acc);
+    }
+  }
+  return acc;
+}
+
+}  // namespace mixprec::cpu

@@ -1,0 +1,284 @@
+"""`python -m mixprec inspect`: what the GPU kernels will do on A100 / H100, found without a GPU.
+
+Every Triton kernel is compiled ahead of time for sm_80 and sm_90 (triton.compile with a GPUTarget), every
+CUDA kernel is taken from the built extension's cubins, and each cubin is read with the cuobjdump that ships
+with triton (through mixprec._sass): registers per thread, spills (local memory in use), shared memory, an
+occupancy estimate from those and the SM limits, and tensor-core instruction counts (HMMA on sm_80,
+HGMMA on sm_90). Then a roofline *prediction* for A100 and H100 SXM from the bytes and flops each op must
+move and the published peaks: no GPU has run anything.
+
+Protocol for kernel modules (kernels/*.py, so that this command hardcodes nobody's kernels):
+    AOT_SPECS = [{"kernel": <@triton.jit fn>, "config": "fp16",       # label of this configuration
+                  "signature": {"x_ptr": "*fp16", "n": "i64", "BLOCK": "constexpr", ...},
+                  "constexprs": {"BLOCK": 4096}, "options": {"num_warps": 4, "num_stages": 3},
+                  "aligned": ["x_ptr"]}, ...]   # args the launcher guarantees 16-byte aligned (default: all
+                                                # pointers), as the JIT specializes them at run time
+    ROOFLINE = [{"op": "unscale_and_check_", "problem": "GPT-2 small fp16 grads (124.4M)",
+                 "bytes": 4 * 124_439_808, "flops": 3 * 124_439_808}, ...]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+from mixprec._sass import KernelInfo, cuobjdump, inspect_binary
+
+# Per-SM limits (CUDA C Programming Guide, "Technical Specifications per Compute Capability").
+SM_LIMITS = {
+    80: {"regs": 65536, "threads": 2048, "blocks": 32, "smem": 164 * 1024, "max_regs_per_thread": 255},
+    90: {"regs": 65536, "threads": 2048, "blocks": 32, "smem": 228 * 1024, "max_regs_per_thread": 255},
+}
+REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
+SMEM_RESERVED_PER_BLOCK = 1024  # sm_80 and later reserve 1 KB of shared memory per block for the system
+SMEM_ALLOC_UNIT = 128
+
+# Published dense fp16 tensor-core peaks and HBM bandwidths (NVIDIA data sheets).
+GPUS = {
+    "A100": {"arch": 80, "tflops": 312.0, "tbps": 2.0, "name": "A100 (fp16 dense 312 TFLOP/s, 2.0 TB/s)"},
+    "H100 SXM": {"arch": 90, "tflops": 989.0, "tbps": 3.35, "name": "H100 SXM (fp16 dense 989 TFLOP/s, 3.35 TB/s)"},
+}
+ARCHS = (80, 90)
+
+
+# ---------------------------------------------------------------- cubin reading
+
+def elf_facts(path: str, arch: int) -> tuple[dict[str, int], bool]:
+    """What mixprec._sass does not read yet (move it there): each kernel's __launch_bounds__ thread count
+    (EIATTR_MAX_THREADS, "Value: 0x200 0x1 0x1"), and whether SHARED includes the 1 KB system reservation
+    (sm_90 cubins count it, and carry a .nv.reservedSmem section)."""
+    elf = subprocess.run([cuobjdump(), "-elf", "-arch", f"sm_{arch}", path], check=True, capture_output=True,
+                         text=True).stdout
+    bounds = {}
+    for section in elf.split(".nv.info.")[1:]:
+        name = section.split(None, 1)[0]
+        m = re.search(r"EIATTR_MAX_THREADS\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)", section)
+        if m:
+            bounds[name] = int(m.group(1), 16) * int(m.group(2), 16) * int(m.group(3), 16)
+    return bounds, ".nv.reservedSmem" in elf
+
+
+def read_binary(path: str, arch: int) -> list[tuple[KernelInfo, int | None, int]]:
+    """(resources, launch-bounds threads or None, static smem without the reservation) per kernel of `arch`."""
+    bounds, reservation_counted = elf_facts(path, arch)
+    out = []
+    for name, k in inspect_binary(path, arch).items():
+        smem = max(0, k.shared_bytes - SMEM_RESERVED_PER_BLOCK) if reservation_counted else k.shared_bytes
+        out.append((k, bounds.get(name), smem))
+    return out
+
+
+def _short_name(demangled: str) -> str:
+    """'void mixprec::cuda::(anonymous namespace)::k<(mixprec::DType)1>(args)' -> 'k<(DType)1>'."""
+    name = re.sub(r"\(anonymous namespace\)::|mixprec::cuda::|mixprec::", "", demangled)
+    name = re.sub(r"^void ", "", name)
+    depth = 0
+    for i, ch in enumerate(name):  # cut the parameter list: the first '(' outside template brackets
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0:
+            return name[:i]
+    return name
+
+
+def demangle(names: list[str]) -> list[str]:
+    tool = shutil.which("c++filt")
+    if tool is None or not names:
+        return names
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return out if len(out) == len(names) else names
+
+
+# ---------------------------------------------------------------- occupancy
+
+def occupancy(arch: int, threads: int, regs: int, smem: int) -> tuple[float, str]:
+    """Estimated fraction of the SM's warp slots filled, and what limits it (threads / regs / smem / blocks).
+    smem: the block's shared memory without the system reservation, which is added here."""
+    lim = SM_LIMITS[arch]
+    warps = -(-threads // 32)
+    regs_per_warp = -(-max(regs, 1) * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    smem_per_block = -(-(smem + SMEM_RESERVED_PER_BLOCK) // SMEM_ALLOC_UNIT) * SMEM_ALLOC_UNIT
+    limits = {
+        "blocks": lim["blocks"],
+        "threads": lim["threads"] // (warps * 32),
+        "regs": (lim["regs"] // regs_per_warp) // warps,
+        "smem": lim["smem"] // smem_per_block,
+    }
+    limiter = min(limits, key=lambda k: limits[k])
+    blocks = limits[limiter]
+    return min(1.0, blocks * warps * 32 / lim["threads"]), limiter
+
+
+# ---------------------------------------------------------------- the kernels
+
+@dataclass
+class KernelReport:
+    source: str  # "triton" or "cuda"
+    module: str  # kernels module or cubin file
+    kernel: str
+    config: str
+    arch: int
+    threads: int | None
+    regs: int
+    spills: bool  # local memory or stack in use: ptxas spilled (mixprec's kernels use no local arrays)
+    local_bytes: int
+    stack_bytes: int
+    smem_bytes: int  # static + dynamic, without the system reservation
+    occupancy: float | None
+    occupancy_limiter: str
+    hmma: int
+    hgmma: int
+    notes: str = ""
+
+
+def kernel_modules() -> list[str]:
+    import mixprec.kernels as package
+
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+
+def _report(source, module, kernel, config, arch, res: KernelInfo, threads, smem, notes=""):
+    """smem: static (without the system reservation) + dynamic shared memory of one block."""
+    occ, limiter = occupancy(arch, threads, res.registers, smem) if threads else (None, "block size unknown")
+    return KernelReport(source, module, kernel, config, arch, threads, res.registers, res.spills, res.local_bytes,
+                        res.stack_bytes, smem, occ, limiter, res.hmma, res.hgmma, notes)
+
+
+def compile_spec(spec: dict, arch: int, where: str = "") -> KernelReport:
+    """Compiles one AOT_SPECS entry for sm_<arch> and reads its cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = spec["kernel"]
+    if not hasattr(fn, "arg_names") or type(fn).__name__ == "InterpretedFunction":
+        raise RuntimeError(f"{where}: {spec['config']}: the kernel is not a compilable @triton.jit function "
+                           "(unset TRITON_INTERPRET to inspect)")
+    sig = spec["signature"]
+    aligned = spec.get("aligned", [a for a, t in sig.items() if t.startswith("*")])
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=fn, signature=sig, constexprs=spec.get("constexprs", {}), attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.get("options", {}))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        res, _, static_smem = next(k for k in read_binary(path, arch) if k[0].name == compiled.metadata.name)
+    threads = compiled.metadata.num_warps * 32 * compiled.metadata.num_ctas
+    return _report("triton", where, fn.__name__, spec["config"], arch, res, threads,
+                   static_smem + compiled.metadata.shared)
+
+
+def triton_reports(archs=ARCHS) -> list[KernelReport]:
+    """Every kernels/*.py AOT_SPECS entry, compiled for each arch."""
+    reports = []
+    for module_name in kernel_modules():
+        module = importlib.import_module(f"mixprec.kernels.{module_name}")
+        for spec in getattr(module, "AOT_SPECS", []):
+            reports += [compile_spec(spec, arch, f"kernels/{module_name}.py") for arch in archs]
+    return reports
+
+
+def extension_path() -> str | None:
+    from mixprec import _ext
+
+    return _ext._C.__file__ if _ext.available() else None
+
+
+def cuda_reports(archs=ARCHS) -> tuple[list[KernelReport], str]:
+    """Every kernel in the extension's cubins; the second value says why there are none, if so."""
+    from mixprec import _ext
+
+    so = extension_path()
+    if so is None:
+        return [], f"mixprec._C is not built ({_ext.LOAD_ERROR})"
+    if not _ext.has_cuda_kernels():
+        return [], "mixprec._C was built without its CUDA part"
+    reports = []
+    for arch in archs:
+        kernels = read_binary(so, arch)
+        for (res, threads, smem), readable in zip(kernels, demangle([k[0].name for k in kernels])):
+            notes = "" if threads else "no __launch_bounds__: occupancy not estimated"
+            # dynamic shared memory is a launch parameter the binary does not record: static only
+            reports.append(_report("cuda", os.path.basename(so), _short_name(readable), "", arch, res, threads,
+                                   smem, notes))
+    return reports, ""
+
+
+# ---------------------------------------------------------------- roofline
+
+def roofline() -> list[dict]:
+    """Predicted time on each GPU for every ROOFLINE entry of kernels/*.py: max(bytes / bandwidth, flops / peak)."""
+    out = []
+    for module_name in kernel_modules():
+        module = importlib.import_module(f"mixprec.kernels.{module_name}")
+        for w in getattr(module, "ROOFLINE", []):
+            for gpu, spec in GPUS.items():
+                t_mem = w["bytes"] / (spec["tbps"] * 1e12)
+                t_math = w["flops"] / (spec["tflops"] * 1e12)
+                t = max(t_mem, t_math)
+                out.append({"op": w["op"], "problem": w["problem"], "gpu": gpu, "bytes": w["bytes"],
+                            "flops": w["flops"], "intensity_flop_per_byte": w["flops"] / w["bytes"],
+                            "bound": "memory" if t_mem >= t_math else "compute", "predicted_ms": t * 1e3,
+                            "predicted_tflops": w["flops"] / t / 1e12, "predicted_gbps": w["bytes"] / t / 1e9})
+    return out
+
+
+# ---------------------------------------------------------------- the command
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--arch", type=int, action="append", choices=ARCHS, help="only this compute capability")
+
+
+def collect(archs=ARCHS) -> dict:
+    cuda, why_no_cuda = cuda_reports(archs)
+    return {"kernels": [asdict(r) for r in triton_reports(archs) + cuda], "cuda_note": why_no_cuda,
+            "roofline": roofline(), "gpus": GPUS,
+            "prediction_note": "roofline figures are predictions from published peaks, not measurements"}
+
+
+def format_report(d: dict) -> str:
+    header = ["source", "kernel", "config", "sm", "threads", "regs", "spills", "local B", "smem B", "occupancy",
+              "HMMA", "HGMMA"]
+    body = []
+    for k in d["kernels"]:
+        occ = f"{100 * k['occupancy']:.0f}% ({k['occupancy_limiter']})" if k["occupancy"] is not None else "-"
+        body.append([k["source"], k["kernel"], k["config"], str(k["arch"]), str(k["threads"] or "?"), str(k["regs"]),
+                     "yes" if k["spills"] else "no", str(k["local_bytes"] + k["stack_bytes"]), str(k["smem_bytes"]), occ, str(k["hmma"]),
+                     str(k["hgmma"])])
+    lines = ["Kernels (compiled for the target without a GPU; read from the cubins)", _columns(header, body)]
+    if d["cuda_note"]:
+        lines.append(f"CUDA kernels: none ({d['cuda_note']})")
+    if any(k["source"] == "cuda" for k in d["kernels"]):
+        lines.append("note: CUDA kernels show static shared memory only (dynamic shared memory is a launch "
+                     "parameter), and their occupancy leaves it out")
+    for note in sorted({f"{k['kernel']}: {k['notes']}" for k in d["kernels"] if k["notes"]}):
+        lines.append(f"note: {note}")
+    lines += ["", "Roofline PREDICTION (published peaks; nothing was run on a GPU):"]
+    body = [[r["op"], r["problem"], r["gpu"], r["bound"], f"{r['predicted_ms']:.3g}", f"{r['predicted_gbps']:.0f}",
+             f"{r['predicted_tflops']:.3g}"] for r in d["roofline"]]
+    lines.append(_columns(["op", "problem", "gpu", "bound", "ms", "GB/s", "TFLOP/s"], body))
+    lines += [f"  {g['name']}" for g in d["gpus"].values()]
+    return "\n".join(lines)
+
+
+def _columns(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body])
+
+
+def main(args) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("error: inspect compiles the Triton kernels for real GPUs; unset TRITON_INTERPRET", file=sys.stderr)
+        return 2
+    d = collect(tuple(args.arch) if args.arch else ARCHS)
+    print(json.dumps(d, indent=2) if args.json else format_report(d))
+    return 0

@@ -1,0 +1,59 @@
+"""Random inputs with planted special values, and comparisons that say where and how much.
+
+Shared by the test suite (tests/helpers.py re-exports it) and by `python -m mixprec selftest`, which runs the
+same checks on a user's machine, so both live in the installed package."""
+from __future__ import annotations
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ODD_SIZES = (1, 7, 127, 129, 1000)
+
+
+def special_values(dtype: torch.dtype) -> list[float]:
+    """inf, NaN, the largest finite value, and the smallest subnormal / normal of dtype."""
+    fi = torch.finfo(dtype)
+    return [float("inf"), float("-inf"), float("nan"), fi.max, -fi.max, fi.smallest_normal,
+            fi.smallest_normal / 8, -fi.smallest_normal / 2, 0.0, -0.0]
+
+
+def random_grad(n: int, dtype: torch.dtype, *, generator: torch.Generator, specials: bool = False,
+                scale: float = 1.0) -> torch.Tensor:
+    """Normal values spanning several binades (so rounding is exercised), with special values planted at
+    random positions when asked."""
+    x = torch.randn(n, generator=generator, dtype=torch.float64)
+    x = x * torch.exp2(torch.randint(-8, 8, (n,), generator=generator).double()) * scale
+    t = x.to(dtype)
+    if specials and n > 0:
+        vals = special_values(dtype)
+        idx = torch.randint(0, n, (min(n, len(vals)),), generator=generator)
+        for k, i in enumerate(idx.tolist()):
+            t[i] = vals[k]
+    return t
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Same bits everywhere, except that any NaN matches any NaN (payloads are not part of the contract)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    a_nan, e_nan = torch.isnan(actual), torch.isnan(expected)
+    int_type = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+    a_bits = actual.reshape(-1).view(int_type)
+    e_bits = expected.reshape(-1).view(int_type)
+    bad = (a_bits != e_bits) & ~(a_nan.reshape(-1) & e_nan.reshape(-1))
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} of {actual.numel()} elements differ; first at flat index {i}: "
+                             f"got {actual.reshape(-1)[i].item()!r} (bits {a_bits[i].item():#x}), "
+                             f"expected {expected.reshape(-1)[i].item()!r} (bits {e_bits[i].item():#x})")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float = 0.0, what: str = ""):
+    """Elementwise |a - e| <= atol + rtol * |e|, reporting the worst element."""
+    a, e = actual.double().reshape(-1), expected.double().reshape(-1)
+    err = (a - e).abs()
+    bound = atol + rtol * e.abs()
+    bad = ~(err <= bound) & ~(torch.isnan(a) & torch.isnan(e)) & ~(a == e)
+    if bad.any():
+        i = int(torch.argmax(torch.where(bad, err - bound, torch.full_like(err, -1.0))))
+        raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} elements out of tolerance (rtol={rtol}, "
+                             f"atol={atol}); worst at flat index {i}: got {a[i].item()!r}, expected {e[i].item()!r}")

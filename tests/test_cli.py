@@ -1,0 +1,240 @@
+"""The bench, inspect and selftest commands in CI-sized runs: they work and their output is well-formed."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mixprec import _ext, bench, selftest
+from mixprec.benchmarks.ceiling import cpu_stream_gbps, default_layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(*args, env_drop=(), timeout=600, **env):
+    environment = {k: v for k, v in os.environ.items() if k not in env_drop}
+    environment.update(env)
+    return subprocess.run([sys.executable, "-m", "mixprec", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=environment, timeout=timeout)
+
+
+def _positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+# ------------------------------------------------------------------------------------------------ ceiling
+
+needs_ext = pytest.mark.skipif(not _ext.available(), reason="mixprec._C is not built")
+
+
+@needs_ext
+def test_stream_op_reads_all_and_writes_all():
+    reads = [torch.arange(1000, dtype=torch.int64).to(torch.uint8), torch.full((333,), 7, dtype=torch.uint8)]
+    writes = [torch.zeros(777, dtype=torch.uint8), torch.zeros(100_003, dtype=torch.uint8)]
+    torch.ops.mixprec._stream_bench_(reads, writes)
+    # every byte written, with a value that depends on the reads (all-zero reads would give zeros)
+    assert all(bool((w != 0).any()) for w in writes)
+    assert not any(bool((w[-64:] == 0).all()) for w in writes), "the tail of a write array was not written"
+
+
+@needs_ext
+def test_stream_op_rejects_bad_arrays():
+    with pytest.raises(RuntimeError, match=r"reads\[0\] must be contiguous"):
+        torch.ops.mixprec._stream_bench_([torch.zeros(8, 8, dtype=torch.uint8).t()], [])
+
+
+@needs_ext
+def test_cpu_stream_gbps_measures_the_mix():
+    gbps, timing = cpu_stream_gbps(1 << 20, 1 << 20, arrays=2, quick=True)
+    assert _positive_finite(gbps) and timing.q25_ms <= timing.median_ms <= timing.q75_ms
+    with pytest.raises(ValueError, match="read_bytes"):
+        cpu_stream_gbps(100, 100, arrays=[(100, 0)])
+    with pytest.raises(ValueError, match="equal sizes"):
+        cpu_stream_gbps(100, 50, arrays=[(100, 50)])
+
+
+def test_default_layout_is_in_place_where_possible():
+    assert default_layout(14, 14) == [(14, 14)]
+    assert default_layout(16, 12) == [(12, 12), (4, 0)]
+    assert default_layout(8, 10, arrays=2) == [(4, 4), (4, 4), (0, 1), (0, 1)]
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+def test_row_problems_names_what_is_wrong():
+    good = {"op": "x", "backend": "cpu", "device": "cpu", "shape": "1", "dtype": "float16", "median_ms": 1.0,
+            "q25_ms": 0.9, "q75_ms": 1.1, "unit": "GB/s", "value": 3.0, "ceiling": None, "peers": {"t": 2.0},
+            "notes": ""}
+    assert bench.row_problems(good) == []
+    assert "missing 'value'" in bench.row_problems({k: v for k, v in good.items() if k != "value"})
+    assert any("positive finite" in p for p in bench.row_problems({**good, "peers": {"t": float("nan")}}))
+    assert any("unit" in p for p in bench.row_problems({**good, "unit": "ms"}))
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    md = out / "BENCHMARKS.md"
+    # only unscale: bench_gemm does not shrink under --reduced yet (a 1024^3 half matmul on this CPU is seconds)
+    proc = _python("bench", "--reduced", "--device", "cpu", "--op", "unscale", "--output", str(out),
+                   "--update-benchmarks-md", str(md))
+    return proc, out, md
+
+
+@needs_ext
+def test_bench_reduced_writes_well_formed_results(bench_run):
+    proc, out, md = bench_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((out / "results.json").read_text())
+    assert set(result) >= {"command", "machine", "rows", "failures", "started"}
+    assert result["machine"]["torch"] == torch.__version__ and result["machine"]["cpu"]
+    assert result["failures"] == []
+    ops = {r["op"] for r in result["rows"]}
+    assert "unscale_and_check_" in ops
+    for r in result["rows"]:
+        assert bench.row_problems(r) == [], r
+    unscale = next(r for r in result["rows"] if r["op"] == "unscale_and_check_")
+    assert _positive_finite(unscale["ceiling"])
+    assert set(unscale["peers"]) == {"torch unscale", "torch unscale+foreach_norm"}
+    with open(out / "results.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == len(result["rows"]) and all(_positive_finite(float(x["value"])) for x in lines)
+    for plot in ("ratios.png", "vs_ceiling.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the table on stdout carries the machine line and one line per row
+    assert "machine:" in proc.stdout and "torch unscale+foreach_norm" in proc.stdout
+    text = md.read_text()
+    assert "python -m mixprec bench --reduced" in text and "| unscale_and_check_ |" in text
+    # BENCHMARKS.md can be re-rendered from the JSON alone, without running anything
+    again = _python("bench", "--from-json", str(out / "results.json"), "--update-benchmarks-md", str(out / "again.md"))
+    assert again.returncode == 0 and (out / "again.md").read_text() == text
+
+
+def test_every_bench_script_has_run():
+    import importlib
+    import inspect as pyinspect
+
+    scripts = bench.discover()
+    assert "bench_unscale" in scripts
+    for name in scripts:
+        run = getattr(importlib.import_module(f"mixprec.benchmarks.{name}"), "run", None)
+        assert run is not None and list(pyinspect.signature(run).parameters) == ["quick", "device"], name
+
+
+def test_bench_failing_script_is_reported_not_fatal(tmp_path, monkeypatch):
+    # a script that raises and one that works: both run, the failure is named, the exit code is non-zero
+    monkeypatch.setattr(bench, "discover", lambda: ["bench_broken", "bench_fine"])
+
+    def fake_run(script, device, **kw):
+        if script == "bench_broken":
+            return bench.Outcome(script, device, 0.1, [], "exit code 1\nValueError: boom")
+        row = {"op": "fine", "backend": "cpu", "device": device, "shape": "1", "dtype": "float32",
+               "median_ms": 1.0, "q25_ms": 1.0, "q75_ms": 1.0, "unit": "GB/s", "value": 1.0, "ceiling": 2.0,
+               "peers": {}, "notes": ""}
+        return bench.Outcome(script, device, 0.1, [row], None)
+
+    monkeypatch.setattr(bench, "run_script", fake_run)
+    parser = __import__("argparse").ArgumentParser()
+    bench.add_arguments(parser)
+    argv = ["--device", "cpu", "--output", str(tmp_path)]
+    assert bench.main(parser.parse_args(argv), argv) == 1
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [f["script"] for f in result["failures"]] == ["bench_broken"]
+    assert [r["op"] for r in result["rows"]] == ["fine"]
+
+
+def test_bench_worker_reports_a_raising_script():
+    outcome = bench.run_script("bench_does_not_exist", "cpu", quick=True, reduced=True, timeout_s=120)
+    assert outcome.error is not None and "ModuleNotFoundError" in outcome.error
+
+
+def test_bench_rejects_unknown_op():
+    proc = _python("bench", "--op", "nosuchop", "--reduced")
+    assert proc.returncode != 0 and "no benchmark script" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+@pytest.fixture(scope="module")
+def inspect_json():
+    # inspect compiles for real GPUs: the interpreter the test session runs under must be off
+    proc = _python("inspect", "--json", env_drop=("TRITON_INTERPRET",))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_inspect_reports_unscale_kernels(inspect_json):
+    triton_unscale = [k for k in inspect_json["kernels"] if k["source"] == "triton" and "unscale" in k["kernel"]]
+    assert {k["arch"] for k in triton_unscale} == {80, 90}
+    assert len(triton_unscale) == 6  # fp32, fp16, bf16 for two archs
+    for k in inspect_json["kernels"]:
+        assert not k["spills"] and k["local_bytes"] == 0, f"{k['kernel']} sm_{k['arch']} spills"
+    for k in triton_unscale:
+        assert 0 < k["regs"] <= 255 and k["smem_bytes"] >= 0 and k["threads"] == 128
+        assert 0 < k["occupancy"] <= 1
+    if _ext.has_cuda_kernels():
+        cuda_unscale = [k for k in inspect_json["kernels"] if k["source"] == "cuda" and "unscale" in k["kernel"]]
+        assert {k["arch"] for k in cuda_unscale} == {80, 90} and all(k["regs"] > 0 for k in cuda_unscale)
+        assert all(k["threads"] and 0 < k["occupancy"] <= 1 for k in cuda_unscale)
+
+
+def test_inspect_roofline_is_a_labelled_prediction(inspect_json):
+    rows = [r for r in inspect_json["roofline"] if r["op"] == "unscale_and_check_"]
+    assert {r["gpu"] for r in rows} == {"A100", "H100 SXM"}
+    for r in rows:
+        assert r["bound"] == "memory" and _positive_finite(r["predicted_ms"])
+    a100 = next(r for r in rows if r["gpu"] == "A100")
+    assert a100["predicted_gbps"] == pytest.approx(2000)  # memory-bound: exactly the published bandwidth
+    assert "prediction" in inspect_json["prediction_note"]
+
+
+def test_inspect_counts_tensor_core_instructions():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "aot_dot_kernel.py")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    by_arch = json.loads(proc.stdout)
+    # 64x64x64 fp16 dot on 4 warps: 128 mma.m16n8k16 per block, 32 per warp; on sm_90 wgmma 64x64x16, 4 of them
+    assert by_arch["80"]["hmma"] == 32 and by_arch["80"]["hgmma"] == 0
+    assert by_arch["90"]["hgmma"] > 0 and by_arch["90"]["hmma"] == 0
+    assert all(not r["spills"] and r["smem_bytes"] > 0 for r in by_arch.values())
+
+
+def test_inspect_occupancy_estimate():
+    from mixprec.inspect import occupancy
+
+    assert occupancy(80, 512, 32, 0) == (1.0, "threads")
+    assert occupancy(80, 512, 40, 64) == (0.75, "regs")  # 1280 regs/warp: 51 warps -> 3 blocks of 16
+    occ, limiter = occupancy(90, 128, 32, 100 * 1024)  # 2 blocks of 101 KB fit in 228 KB
+    assert limiter == "smem" and occ == pytest.approx(2 * 128 / 2048)
+
+
+# ------------------------------------------------------------------------------------------------ selftest
+
+@needs_ext
+def test_selftest_cpu_passes_and_names_each_check():
+    proc = _python("selftest", "--device", "cpu", "--no-bench")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
+    backends = {line.split()[2] for line in lines}
+    assert {"cpu-portable", "triton-interp"} <= backends
+    assert all(line.startswith("ok") and "unscale_and_check_" in line for line in lines)
+    assert "0 failed" in proc.stdout
+
+
+def test_selftest_failure_names_the_case():
+    def wrong():
+        raise AssertionError("grads[0]: 3 of 7 elements differ")
+
+    cases = [selftest.Case("some_op", "cpu-avx2", "float16", "(7,)", lambda: "fine"),
+             selftest.Case("some_op", "triton-interp", "bfloat16", "(7,)", wrong)]
+    import io
+
+    out = io.StringIO()
+    assert selftest.run_cases(cases, out) == 1
+    bad = [line for line in out.getvalue().splitlines() if line.startswith("FAIL")]
+    assert len(bad) == 1 and all(x in bad[0] for x in ("some_op", "triton-interp", "bfloat16", "(7,)", "3 of 7"))

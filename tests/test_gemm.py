@@ -1,0 +1,157 @@
+"""mixprec.ops.matmul / matmul_accumulate_ against an fp64 reference, on every backend available here.
+
+Error metric: max|out - ref| / max|ref| with ref = the fp64 product of the (exact) half inputs. The output's
+one rounding contributes at most half an ulp of the largest element (2^-11 fp16, 2^-8 bf16 relative to
+max|ref|) and fp32 accumulation over K <= 1000 adds ~1e-6, so 1e-3 (fp16) and 1e-2 (bf16) bound a correct
+kernel with room for the summation order, while a wrong tile, stride or mask gives errors of order 1.
+"""
+import pytest
+import torch
+
+import mixprec
+from mixprec import _ext
+
+BACKENDS = ["triton", "reference"] + (["cpu"] if _ext.available() else [])
+TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def make(shape, dtype, gen, transpose=False):
+    if transpose:  # the same values, stored transposed: a view with unit stride along the first dim
+        return torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen).to(dtype).transpose(-1, -2)
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+CASES = [  # (batch, M, N, K, a transposed, b transposed)
+    ((), 1, 7, 127, False, False),
+    ((), 7, 1, 129, False, True),
+    ((), 127, 129, 65, True, False),
+    ((), 129, 127, 31, True, True),
+    ((), 1, 33, 1000, False, True),  # big K: the one long k loop
+    ((2, 3), 7, 40, 24, False, True),
+    ((3,), 129, 9, 16, True, False),  # transposed batch: not foldable into one GEMM
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_matmul_vs_fp64(case, dtype, backend):
+    batch, M, N, K, ta, tb = case
+    gen = torch.Generator().manual_seed(M * 1000 + N + K)
+    a = make((*batch, M, K), dtype, gen, ta)
+    b = make((K, N), dtype, gen, tb)
+    out = mixprec.ops.matmul(a, b, backend=backend)
+    ref = a.double() @ b.double()
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert rel_err(out, ref) <= TOL[dtype], f"rel err {rel_err(out, ref):.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [None, torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, "same"])
+def test_bias_and_out_dtype(dtype, out_dtype, bias_dtype, backend):
+    gen = torch.Generator().manual_seed(3)
+    a, b = make((65, 48), dtype, gen), make((48, 70), dtype, gen, True)
+    bias = None if bias_dtype is None else make((70,), dtype if bias_dtype == "same" else bias_dtype, gen)
+    out = mixprec.ops.matmul(a, b, bias=bias, out_dtype=out_dtype, backend=backend)
+    ref = a.double() @ b.double() + (0 if bias is None else bias.double())
+    assert out.dtype == (out_dtype or dtype)
+    tol = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[out_dtype or dtype]
+    assert rel_err(out, ref) <= tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rounds_once_to_nearest_even(dtype, backend):
+    """Small integers: every product and sum is exact in fp32, so the output must be exactly the fp32 result
+    rounded to nearest even; truncation (the interpreter's plain bf16 cast) or double rounding would differ."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randint(-64, 64, (33, 40), generator=gen).to(dtype)
+    b = torch.randint(-64, 64, (40, 17), generator=gen).to(dtype)
+    bias = torch.randint(-9, 9, (17,), generator=gen).float() + 0.5
+    exact = (a.double() @ b.double() + bias.double()).float()
+    out = mixprec.ops.matmul(a, b, bias=bias, backend=backend)
+    assert torch.equal(out, exact.to(dtype)), (out.float() - exact.to(dtype).float()).abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_matmul_accumulate_(dtype, backend):
+    gen = torch.Generator().manual_seed(7)
+    a, b = make((129, 100), dtype, gen, True), make((100, 65), dtype, gen)  # dW = dY^T X layout
+    c = torch.randn(129, 65, generator=gen)
+    ref = c.double() + a.double() @ b.double()
+    ptr = c.data_ptr()
+    assert mixprec.ops.matmul_accumulate_(c, a, b, backend=backend) is None
+    assert c.data_ptr() == ptr and c.dtype == torch.float32
+    # fp32 result: only the fp32 accumulation error remains
+    assert rel_err(c, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matmul_accumulate_into_strided_c(backend):
+    gen = torch.Generator().manual_seed(8)
+    a, b = make((2, 9, 16), torch.float16, gen), make((16, 5), torch.float16, gen)
+    c = torch.randn(5, 9, 2, generator=gen).permute(2, 1, 0)  # not viewable as [B, M, N] with unit stride
+    ref = c.double() + a.double() @ b.double()
+    mixprec.ops.matmul_accumulate_(c, a, b, backend=backend)
+    assert rel_err(c, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_k0(backend):
+    a, b = torch.zeros(4, 0, dtype=torch.float16), torch.zeros(0, 3, dtype=torch.float16)
+    bias = torch.tensor([1.0, 2.0, 3.0])
+    out = mixprec.ops.matmul(a, b, bias=bias, backend=backend)
+    assert torch.equal(out, bias.half().expand(4, 3))
+    assert mixprec.ops.matmul(torch.zeros(0, 5, dtype=torch.half), torch.zeros(5, 3, dtype=torch.half),
+                              backend=backend).shape == (0, 3)
+
+
+def test_bad_inputs_name_the_argument():
+    h = torch.float16
+    with pytest.raises(TypeError, match=r"^a must have dtype in \[.torch.float16., .torch.bfloat16.\]"):
+        mixprec.ops.matmul(torch.zeros(2, 3), torch.zeros(3, 4, dtype=h))
+    with pytest.raises(TypeError, match="^b must have a's dtype"):
+        mixprec.ops.matmul(torch.zeros(2, 3, dtype=h), torch.zeros(3, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"^b must have shape \[K, N\] with K = a.shape\[-1\] = 3"):
+        mixprec.ops.matmul(torch.zeros(2, 3, dtype=h), torch.zeros(4, 4, dtype=h))
+    with pytest.raises(ValueError, match="^b must be on a's device"):
+        mixprec.ops.matmul(torch.zeros(2, 3, dtype=h), torch.zeros(3, 4, dtype=h, device="meta"))
+    with pytest.raises(ValueError, match="^bias must have shape"):
+        mixprec.ops.matmul(torch.zeros(2, 3, dtype=h), torch.zeros(3, 4, dtype=h), bias=torch.zeros(3))
+    with pytest.raises(TypeError, match="^out_dtype must be"):
+        mixprec.ops.matmul(torch.zeros(2, 3, dtype=h), torch.zeros(3, 4, dtype=h), out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="^c must be a float32 tensor"):
+        mixprec.ops.matmul_accumulate_(torch.zeros(2, 4, dtype=h), torch.zeros(2, 3, dtype=h), torch.zeros(3, 4, dtype=h))
+    with pytest.raises(ValueError, match="^c must have shape"):
+        mixprec.ops.matmul_accumulate_(torch.zeros(4, 2), torch.zeros(2, 3, dtype=h), torch.zeros(3, 4, dtype=h))
+
+
+@pytest.mark.skipif(not _ext.available(), reason="mixprec._C not built")
+def test_cpu_op_checks_name_the_argument():
+    with pytest.raises(RuntimeError, match="b must have shape"):
+        torch.ops.mixprec.matmul(torch.zeros(2, 3, dtype=torch.half), torch.zeros(4, 4, dtype=torch.half), None, None)
+    with pytest.raises(RuntimeError, match="c must be float32"):
+        torch.ops.mixprec.matmul_accumulate_(torch.zeros(2, 4, dtype=torch.half), torch.zeros(2, 3, dtype=torch.half),
+                                             torch.zeros(3, 4, dtype=torch.half))
+
+
+@pytest.mark.skipif(not _ext.available(), reason="mixprec._C not built")
+def test_opcheck():
+    a, b = torch.randn(5, 8).half(), torch.randn(8, 3).half()
+    torch.library.opcheck(torch.ops.mixprec.matmul.default, (a, b, torch.randn(3), torch.float32))
+    torch.library.opcheck(torch.ops.mixprec.matmul_accumulate_.default, (torch.zeros(5, 3), a, b))
+
+
+@pytest.mark.skipif(not _ext.available(), reason="mixprec._C not built")
+def test_torch_compile_fullgraph():
+    a, b = torch.randn(5, 8).half(), torch.randn(8, 3).half()
+    f = torch.compile(lambda a, b: mixprec.ops.matmul(a, b, out_dtype=torch.float32) * 2, fullgraph=True,
+                      backend="eager")
+    torch.testing.assert_close(f(a, b), mixprec.reference.matmul(a, b, out_dtype=torch.float32) * 2)
