@@ -1,18 +1,12 @@
-"""The one switch between mixprec's own training parts and temporary stand-ins.
+"""The training parts mixprec.prepare, the demo and the end-to-end tests use, chosen here and nowhere else.
 
-mixprec.prepare, the demo and the end-to-end tests get their optimizer, GradScaler and Linear from here and
-nowhere else. Each part is mixprec's own (mixprec.optim.FusedAdamW, mixprec.amp.GradScaler, mixprec.nn.Linear)
-when that module is present, else a stand-in built on torch with the same contract:
-
-- optimizer: `MasterWeightAdamW`, torch's functional AdamW run on fp32 master copies of half-precision params,
-  honouring the `_step_supports_amp_scaling` contract (unscales inside step(), skips the whole step when
-  `found_inf` is set), state_dict = torch.optim.AdamW's layout plus `master_param`.
-- GradScaler: torch.amp.GradScaler that accepts fp16 grads (pure fp16 models keep their masters in the
-  optimizer) and all-reduces found_inf with MAX when torch.distributed is initialized, as mixprec's will.
-- Linear: torch.nn.Linear (prepare then leaves Linear layers as they are).
-
-MIXPREC_STAND_INS=1 forces the stand-ins even when mixprec's parts exist (to compare the two). `describe()`
-says which ran; the demo prints it. The stand-ins go away once issues 3, 4 and 5 are merged and tested here.
+GradScaler and Linear are mixprec's own (mixprec.amp.GradScaler, mixprec.nn.Linear). The optimizer is
+mixprec.optim.FusedAdamW when that module is present; until issue 4 is merged it is a stand-in with the same
+contract, `MasterWeightAdamW`: torch's functional AdamW run on fp32 master copies of half-precision params,
+honouring `_step_supports_amp_scaling` (unscales inside step(), skips the whole step when `found_inf` is set,
+leaving params, masters, moments and step count untouched), state_dict = torch.optim.AdamW's layout plus
+`master_param`. MIXPREC_STAND_INS=1 forces the stand-in even when FusedAdamW exists (to compare the two).
+`describe()` says which ran; the demo prints it. The stand-in goes away once FusedAdamW is merged and tested.
 """
 from __future__ import annotations
 
@@ -22,7 +16,6 @@ import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.optim.adam import adam as functional_adam
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -42,38 +35,25 @@ def optimizer_class() -> type[torch.optim.Optimizer]:
 
 
 def grad_scaler_class() -> type:
-    return _own("mixprec.amp", "GradScaler") or StandInGradScaler
+    from mixprec.amp import GradScaler
+
+    return GradScaler
 
 
-def linear_class() -> type[torch.nn.Linear] | None:
-    """mixprec.nn.Linear, or None: without it prepare() keeps torch.nn.Linear."""
-    return _own("mixprec.nn", "Linear")
+def linear_class() -> type[torch.nn.Linear]:
+    from mixprec.nn import Linear
+
+    return Linear
 
 
 def describe() -> dict[str, str]:
     """Which implementation each part is, by qualified name."""
-    lin = linear_class() or torch.nn.Linear
     return {name: f"{cls.__module__}.{cls.__qualname__}"
-            for name, cls in (("optimizer", optimizer_class()), ("scaler", grad_scaler_class()), ("linear", lin))}
+            for name, cls in (("optimizer", optimizer_class()), ("scaler", grad_scaler_class()),
+                              ("linear", linear_class()))}
 
 
 # ----------------------------------------------------------------------------------------------- stand-ins
-
-class StandInGradScaler(torch.amp.GradScaler):
-    """torch.amp.GradScaler plus the two behaviours mixprec.amp.GradScaler specifies and torch lacks:
-    fp16 grads are accepted (torch refuses to unscale them, assuming fp32 params under autocast), and
-    found_inf is all-reduced with MAX across ranks so every rank skips the same steps even when only one
-    rank's grads overflowed after the gradient all-reduce (or when grads are sharded)."""
-
-    supports_dtensor = True  # torch's foreach unscale runs on DTensor grads (see precision.check_dtensor_support)
-
-    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
-        per_device = super()._unscale_grads_(optimizer, inv_scale, found_inf, True)
-        if dist.is_available() and dist.is_initialized():
-            for flag in per_device.values():
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return per_device
-
 
 # State entries kept in fp32 whatever the param's dtype. torch.optim.Optimizer.load_state_dict casts every
 # floating state tensor to its param's dtype, which would round the masters to fp16; load_state_dict below

@@ -149,9 +149,7 @@ def convert(model: nn.Module, dtype: torch.dtype, *, keep_fp32=DEFAULT_KEEP_FP32
                          "sharding as prepare(..., shard=fn)")
 
     if swap_linear:
-        linear_cls = _parts.linear_class()
-        if linear_cls is not None:
-            model = _swap_linears(model, linear_cls)
+        model = _swap_linears(model, _parts.linear_class())
 
     for module in model.modules():
         if isinstance(module, keep_fp32):

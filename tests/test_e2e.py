@@ -128,8 +128,7 @@ def test_prepare_refuses_a_non_module():
 def test_stand_in_switch(monkeypatch):
     monkeypatch.setenv("MIXPREC_STAND_INS", "1")
     assert _parts.describe() == {"optimizer": "mixprec._parts.MasterWeightAdamW",
-                                 "scaler": "mixprec._parts.StandInGradScaler",
-                                 "linear": "torch.nn.modules.linear.Linear"}
+                                 "scaler": "mixprec.amp.GradScaler", "linear": "mixprec.nn.Linear"}
 
 
 # ---------------------------------------------------------------------------------------- fault injection
