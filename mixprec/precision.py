@@ -1,4 +1,4 @@
-"""mixprec.prepare (defined here, exported from mixprec): turn an fp32 model into a mixed precision one in one call (Apex O2 style).
+"""mixprec.prepare (exported from mixprec): an fp32 model made mixed precision in one call, Apex O2 style.
 
     model, optimizer, scaler = mixprec.prepare(model, dtype=torch.float16, optimizer_kwargs={"lr": 1e-3})
     ...
@@ -20,15 +20,17 @@ The optimizer holds fp32 master weights of the half params (mixprec.optim.FusedA
 The GradScaler, by dtype:
 - float16: dynamic loss scaling with torch's defaults (init_scale 2**16, growth x2 every 2000 clean steps,
   back-off x0.5 on overflow): fp16 has 5 exponent bits, and small gradients flush to zero unscaled.
-- bfloat16: no loss scaling is needed (8 exponent bits, fp32's range), so the scale starts at 1.0 and never
-  grows (growth_interval 2**31 - 1). The scaler stays enabled because it still checks the grads for inf/NaN in
-  the optimizer's pass and skips a poisoned step instead of writing NaN into the fp32 masters; such a step
-  halves the scale, which in bf16 costs only range at the bottom (2**-126). Pass scaler_kwargs={"enabled":
-  False} for a plain loop without the check.
+- bfloat16: no loss scaling is needed (8 exponent bits, fp32's range), so the scale starts at 1.0 and is
+  capped there (max_scale=1.0): it never grows. The scaler stays enabled because it still checks the grads
+  for inf/NaN in the same fused pass and skips a poisoned step instead of writing NaN into the fp32 masters;
+  such a step halves the scale (harmless in bf16's range), and 2000 clean steps bring it back to 1.0.
+  Pass scaler_kwargs={"enabled": False} for a plain loop without the check.
 scaler_kwargs override any of these.
 
 Order with torch.distributed: prepare first, then wrap the returned model in DistributedDataParallel (DDP
-registers its gradient buckets with the parameter dtypes it sees).
+registers its gradient buckets with the parameter dtypes it sees). FSDP2: prepare(..., shard=fn) shards the
+converted model before the optimizer is built; mixprec classes whose fused kernels cannot take DTensors are
+refused with a NotImplementedError naming them (check_dtensor_support), not left to fail inside a kernel.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ DEFAULT_KEEP_FP32: tuple[type[nn.Module], ...] = (
 def default_scaler_kwargs(dtype: torch.dtype) -> dict[str, Any]:
     """The GradScaler arguments prepare() uses for `dtype` (see the module docstring for why)."""
     if dtype == torch.bfloat16:
-        return {"init_scale": 1.0, "growth_interval": 2**31 - 1}
+        return {"init_scale": 1.0, "max_scale": 1.0}
     return {}
 
 
