@@ -149,12 +149,12 @@ def text_task(quick: bool = False, seed: int = 0, context: int = 32) -> Task:
     yv = torch.stack([val[s + 1:s + context + 1] for s in starts])
 
     def batch(step):
-        s = _batch_indices(len(train) - context - 1, 16, step, seed)
+        s = _batch_indices(len(train) - context - 1, 32, step, seed)
         offsets = s[:, None] + torch.arange(context)
         return train[offsets], train[offsets + 1]
 
     return Task("text", lambda: CharTransformer(len(chars), context), batch, lambda m: _classify(m, xv, yv),
-                steps=60 if quick else 400, lr=3e-3, weight_decay=0.01, warmup=30)
+                steps=60 if quick else 800, lr=3e-3, weight_decay=0.01, warmup=30)
 
 
 TASKS = {"digits": digits_task, "text": text_task}
