@@ -46,8 +46,10 @@ class _Net(nn.Module):
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_prepare_keeps_norm_layers_fp32_and_casts_at_their_borders(dtype):
-    # a small scale: this test needs its one step taken, not skipped for overflow
-    model, optimizer, scaler = mixprec.prepare(_Net(), dtype=dtype, scaler_kwargs={"init_scale": 8.0})
+    # fp16: a small scale, as this test needs its one step taken, not skipped for overflow (bf16 starts at 1.0)
+    scaler_kwargs = {"init_scale": 8.0} if dtype == torch.float16 else None
+    model, optimizer, scaler = mixprec.prepare(_Net(), dtype=dtype, scaler_kwargs=scaler_kwargs)
+    initial_scale = scaler.get_scale()
     norms = (model.bn, model.block[1], model.block[2])
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if not t.is_floating_point():
@@ -67,7 +69,7 @@ def test_prepare_keeps_norm_layers_fp32_and_casts_at_their_borders(dtype):
     scaler.scale(out.mean()).backward()
     scaler.step(optimizer)
     scaler.update()
-    assert scaler.get_scale() == 8.0
+    assert scaler.get_scale() == initial_scale  # not skipped
     for p in model.parameters():
         master = optimizer.state[p].get("master_param")
         if p.dtype == dtype:
