@@ -30,6 +30,17 @@ TORCH_LIBRARY(mixprec, m) {
   m.def("matmul(Tensor a, Tensor b, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
   // c (fp32) += a @ b: weight gradients straight into fp32 main grads.
   m.def("matmul_accumulate_(Tensor(a!) c, Tensor a, Tensor b) -> ()");
+  // One fused Adam/AdamW update per element (mixprec/adam_math.h). lists: one tensor per param, except
+  // max_exp_avg_sqs (amsgrad) and master_params (fp32 masters of half params), which are empty when unused.
+  // steps[i] (one-element fp32) counts the updates done; the op uses steps[i] + 1 and stores it. lr and the
+  // optional grad_scale / found_inf / clip_coef are one-element fp32 tensors read on the device; found_inf != 0
+  // skips the step, writing nothing. sr_seed >= 0: bf16 params without masters are stored with stochastic
+  // rounding.
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] steps, Tensor lr, float beta1, "
+      "float beta2, float eps, float weight_decay, bool decoupled, bool maximize=False, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, Tensor? clip_coef=None, int sr_seed=-1) -> ()");
   // Private: the CPU memory-bandwidth ceiling of the benchmarks (benchmarks/ceiling.py). Reads every byte of
   // `reads`, then writes every byte of `writes`; a tensor in both lists is streamed in place.
   m.def("_stream_bench_(Tensor[] reads, Tensor(a!)[] writes) -> ()");

@@ -2,8 +2,9 @@
 
 `inspect_binary(path, arch)` returns, per kernel of that architecture, the registers, stack/local memory
 (non-zero means spills or local arrays), static shared memory and the tensor-core instruction counts (HMMA on
-sm_80-class mma.sync, HGMMA for sm_90's wgmma, each also counted with fp32 accumulation). Used by the static
-tests and by `python -m mixprec inspect`.
+sm_80-class mma.sync, HGMMA for sm_90's wgmma, each also counted with fp32 accumulation). `elf_facts(path, arch)`
+reads what only the ELF sections say: each kernel's __launch_bounds__ and whether SHARED counts the system
+reservation. The one place that reads cubins; used by the static tests and by `python -m mixprec inspect`.
 """
 from __future__ import annotations
 
@@ -84,3 +85,21 @@ def inspect_binary(path: str, arch) -> dict[str, KernelInfo]:
         info.hgmma = len(re.findall(r"\bHGMMA\.", body))
         info.hgmma_f32 = len(re.findall(r"\bHGMMA\.\S*\.F32\b", body))
     return kernels
+
+
+_MAX_THREADS = re.compile(r"EIATTR_MAX_THREADS\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)")
+
+
+def elf_facts(path: str, arch) -> tuple[dict[str, int], bool]:
+    """What the resource summary does not say, from the ELF sections of the `arch` code: each kernel's
+    __launch_bounds__ thread count (EIATTR_MAX_THREADS, "Value: 0x200 0x1 0x1"; kernels without bounds are
+    absent), and whether SHARED includes the 1 KB system reservation (sm_90 cubins count it, and carry a
+    .nv.reservedSmem section)."""
+    elf = _run("-elf", "-arch", _arch(arch), path)
+    bounds = {}
+    for section in elf.split(".nv.info.")[1:]:
+        name = section.split(None, 1)[0]
+        m = _MAX_THREADS.search(section)
+        if m:
+            bounds[name] = int(m.group(1), 16) * int(m.group(2), 16) * int(m.group(3), 16)
+    return bounds, ".nv.reservedSmem" in elf

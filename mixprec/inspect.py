@@ -12,7 +12,8 @@ Protocol for kernel modules (kernels/*.py, so that this command hardcodes nobody
                   "signature": {"x_ptr": "*fp16", "n": "i64", "BLOCK": "constexpr", ...},
                   "constexprs": {"BLOCK": 4096}, "options": {"num_warps": 4, "num_stages": 3},
                   "aligned": ["x_ptr"]}, ...]   # args the launcher guarantees 16-byte aligned (default: all
-                                                # pointers), as the JIT specializes them at run time
+                                                # pointers), or ints 16-divisible, as the JIT specializes them
+                                                # at run time; other keys are the module's own
     ROOFLINE = [{"op": "unscale_and_check_", "problem": "GPT-2 small fp16 grads (124.4M)",
                  "bytes": 4 * 124_439_808, "flops": 3 * 124_439_808}, ...]
 """
@@ -30,7 +31,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
-from mixprec._sass import KernelInfo, cuobjdump, inspect_binary
+from mixprec._sass import KernelInfo, elf_facts, inspect_binary
 
 # Per-SM limits (CUDA C Programming Guide, "Technical Specifications per Compute Capability").
 SM_LIMITS = {
@@ -50,21 +51,6 @@ ARCHS = (80, 90)
 
 
 # ---------------------------------------------------------------- cubin reading
-
-def elf_facts(path: str, arch: int) -> tuple[dict[str, int], bool]:
-    """What mixprec._sass does not read yet (move it there): each kernel's __launch_bounds__ thread count
-    (EIATTR_MAX_THREADS, "Value: 0x200 0x1 0x1"), and whether SHARED includes the 1 KB system reservation
-    (sm_90 cubins count it, and carry a .nv.reservedSmem section)."""
-    elf = subprocess.run([cuobjdump(), "-elf", "-arch", f"sm_{arch}", path], check=True, capture_output=True,
-                         text=True).stdout
-    bounds = {}
-    for section in elf.split(".nv.info.")[1:]:
-        name = section.split(None, 1)[0]
-        m = re.search(r"EIATTR_MAX_THREADS\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)", section)
-        if m:
-            bounds[name] = int(m.group(1), 16) * int(m.group(2), 16) * int(m.group(3), 16)
-    return bounds, ".nv.reservedSmem" in elf
-
 
 def read_binary(path: str, arch: int) -> list[tuple[KernelInfo, int | None, int]]:
     """(resources, launch-bounds threads or None, static smem without the reservation) per kernel of `arch`."""
@@ -151,8 +137,9 @@ def _report(source, module, kernel, config, arch, res: KernelInfo, threads, smem
                         res.stack_bytes, smem, occ, limiter, res.hmma, res.hgmma, notes)
 
 
-def compile_spec(spec: dict, arch: int, where: str = "") -> KernelReport:
-    """Compiles one AOT_SPECS entry for sm_<arch> and reads its cubin."""
+def compile_triton(spec: dict, arch: int, where: str = ""):
+    """triton.compile of one AOT_SPECS entry for sm_<arch>, as the JIT would specialize it (the "aligned"
+    arguments carry the 16-divisibility hint); returns triton's compiled kernel (.asm["cubin"], .metadata)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -165,14 +152,19 @@ def compile_spec(spec: dict, arch: int, where: str = "") -> KernelReport:
     aligned = spec.get("aligned", [a for a, t in sig.items() if t.startswith("*")])
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=spec.get("constexprs", {}), attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.get("options", {}))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.get("options", {}))
+
+
+def compile_spec(spec: dict, arch: int, where: str = "") -> KernelReport:
+    """Compiles one AOT_SPECS entry for sm_<arch> and reads its cubin."""
+    compiled = compile_triton(spec, arch, where)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         res, _, static_smem = next(k for k in read_binary(path, arch) if k[0].name == compiled.metadata.name)
     threads = compiled.metadata.num_warps * 32 * compiled.metadata.num_ctas
-    return _report("triton", where, fn.__name__, spec["config"], arch, res, threads,
+    return _report("triton", where, spec["kernel"].__name__, spec["config"], arch, res, threads,
                    static_smem + compiled.metadata.shared)
 
 

@@ -57,3 +57,31 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, a
         i = int(torch.argmax(torch.where(bad, err - bound, torch.full_like(err, -1.0))))
         raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} elements out of tolerance (rtol={rtol}, "
                              f"atol={atol}); worst at flat index {i}: got {a[i].item()!r}, expected {e[i].item()!r}")
+
+
+# GEMM error bounds, by output dtype, on max|out - ref| / max|ref| against a reference computed in fp32 or fp64
+# from the exact half inputs: the output's one rounding costs at most half an ulp of the largest element (2^-11
+# fp16, 2^-8 bf16) and fp32 accumulation over K <= ~1000 about 1e-6, so a correct kernel passes with room for
+# the summation order, while a wrong tile, stride or mask gives errors of order 1. Used by tests/test_gemm.py and
+# by `python -m mixprec selftest`.
+GEMM_TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual - expected| / max|expected| (in fp64; NaN when any element is NaN)."""
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def assert_max_rel_err(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> float:
+    """Shapes equal and max_rel_err <= tol, else an AssertionError naming the worst element; returns the error."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    if actual.numel() == 0:
+        return 0.0
+    err = max_rel_err(actual, expected)
+    if not err <= tol:
+        diff = (actual.double() - expected.double()).abs().reshape(-1)
+        i = int(torch.argmax(torch.nan_to_num(diff, nan=float("inf"))))
+        raise AssertionError(f"{what}: max relative error {err:.3g} > {tol:g} (relative to max|expected|); worst at "
+                             f"flat index {i}: got {actual.reshape(-1)[i].item()!r}, expected "
+                             f"{expected.reshape(-1)[i].item()!r}")
+    return err

@@ -79,9 +79,8 @@ def test_row_problems_names_what_is_wrong():
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     md = out / "BENCHMARKS.md"
-    # only unscale: bench_gemm does not shrink under --reduced yet (a 1024^3 half matmul on this CPU is seconds)
-    proc = _python("bench", "--reduced", "--device", "cpu", "--op", "unscale", "--output", str(out),
-                   "--update-benchmarks-md", str(md))
+    # every benchmark script, each in its CI-sized mode
+    proc = _python("bench", "--reduced", "--device", "cpu", "--output", str(out), "--update-benchmarks-md", str(md))
     return proc, out, md
 
 
@@ -94,12 +93,19 @@ def test_bench_reduced_writes_well_formed_results(bench_run):
     assert result["machine"]["torch"] == torch.__version__ and result["machine"]["cpu"]
     assert result["failures"] == []
     ops = {r["op"] for r in result["rows"]}
-    assert "unscale_and_check_" in ops
+    assert {"unscale_and_check_", "matmul"} <= ops
     for r in result["rows"]:
         assert bench.row_problems(r) == [], r
     unscale = next(r for r in result["rows"] if r["op"] == "unscale_and_check_")
     assert _positive_finite(unscale["ceiling"])
     assert set(unscale["peers"]) == {"torch unscale", "torch unscale+foreach_norm"}
+    gemm = [r for r in result["rows"] if r["op"] == "matmul"]
+    assert {r["dtype"] for r in gemm} == {"float16", "bfloat16"}
+    for r in gemm:  # the overhead figure: against torch's fp32 GEMM on pre-widened operands, the ceiling
+        assert r["device"] == "cpu" and r["unit"] == "TFLOP/s" and _positive_finite(r["ceiling"])
+        assert set(r["peers"]) == {"torch.matmul fp32, pre-widened", "torch widen + fp32 matmul + round",
+                                   f"torch.matmul {r['dtype']} (half GEMM)"}
+        assert "overhead of mixprec.ops.matmul" in r["notes"]
     with open(out / "results.csv") as f:
         lines = list(csv.DictReader(f))
     assert len(lines) == len(result["rows"]) and all(_positive_finite(float(x["value"])) for x in lines)
@@ -107,8 +113,9 @@ def test_bench_reduced_writes_well_formed_results(bench_run):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the table on stdout carries the machine line and one line per row
     assert "machine:" in proc.stdout and "torch unscale+foreach_norm" in proc.stdout
+    assert "torch.matmul fp32, pre-widened" in proc.stdout
     text = md.read_text()
-    assert "python -m mixprec bench --reduced" in text and "| unscale_and_check_ |" in text
+    assert "python -m mixprec bench --reduced" in text and "| unscale_and_check_ |" in text and "| matmul |" in text
     # BENCHMARKS.md can be re-rendered from the JSON alone, without running anything
     again = _python("bench", "--from-json", str(out / "results.json"), "--update-benchmarks-md", str(out / "again.md"))
     assert again.returncode == 0 and (out / "again.md").read_text() == text
@@ -119,7 +126,7 @@ def test_every_bench_script_has_run():
     import inspect as pyinspect
 
     scripts = bench.discover()
-    assert "bench_unscale" in scripts
+    assert {"bench_unscale", "bench_gemm"} <= set(scripts)
     for name in scripts:
         run = getattr(importlib.import_module(f"mixprec.benchmarks.{name}"), "run", None)
         assert run is not None and list(pyinspect.signature(run).parameters) == ["quick", "device"], name
@@ -182,6 +189,21 @@ def test_inspect_reports_unscale_kernels(inspect_json):
         assert all(k["threads"] and 0 < k["occupancy"] <= 1 for k in cuda_unscale)
 
 
+def test_inspect_reports_gemm_kernels(inspect_json):
+    from mixprec.kernels.gemm import AOT_SPECS
+
+    gemm = [k for k in inspect_json["kernels"] if k["source"] == "triton" and k["kernel"] == "_gemm_kernel"]
+    assert sorted(k["config"] for k in gemm) == sorted(s["config"] for s in AOT_SPECS for _ in (80, 90))
+    for k in gemm:  # tensor cores with nothing spilled, every config of both modes
+        assert not k["spills"] and k["threads"] in (128, 256) and 0 < k["occupancy"] <= 1, k
+        assert (k["hmma"] > 0 and k["hgmma"] == 0) if k["arch"] == 80 else (k["hgmma"] > 0 and k["hmma"] == 0), k
+    rows = [r for r in inspect_json["roofline"] if r["op"] == "matmul"]
+    square = next(r for r in rows if r["gpu"] == "H100 SXM" and "4096x4096x4096" in r["problem"])
+    assert square["flops"] == 2 * 4096**3 and square["bytes"] == 3 * 4096**2 * 2 and square["bound"] == "compute"
+    decode = next(r for r in rows if r["gpu"] == "A100" and "16x4096x4096" in r["problem"])
+    assert decode["bound"] == "memory"
+
+
 def test_inspect_roofline_is_a_labelled_prediction(inspect_json):
     rows = [r for r in inspect_json["roofline"] if r["op"] == "unscale_and_check_"]
     assert {r["gpu"] for r in rows} == {"A100", "H100 SXM"}
@@ -220,9 +242,14 @@ def test_selftest_cpu_passes_and_names_each_check():
     proc = _python("selftest", "--device", "cpu", "--no-bench")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
-    backends = {line.split()[2] for line in lines}
-    assert {"cpu-portable", "triton-interp"} <= backends
-    assert all(line.startswith("ok") and "unscale_and_check_" in line for line in lines)
+    checked = {(line.split()[1], line.split()[2]) for line in lines}
+    assert {("unscale_and_check_", "cpu-portable"), ("unscale_and_check_", "triton-interp")} <= checked
+    for op in ("matmul", "matmul_accumulate_"):
+        assert {(op, "cpu"), (op, "triton-interp")} <= checked
+    assert any(op == "adam_step_" for op, _ in checked)
+    assert all(line.startswith("ok") for line in lines)
+    assert {op for op, _ in checked} == {"unscale_and_check_", "matmul", "matmul_accumulate_", "adam_step_"}
+    assert "not checked here" not in proc.stdout
     assert "0 failed" in proc.stdout
 
 

@@ -10,13 +10,10 @@ import torch
 
 import mixprec
 from mixprec import _ext
+from mixprec.testing import GEMM_TOL as TOL  # shared with `python -m mixprec selftest`
+from mixprec.testing import max_rel_err as rel_err
 
 BACKENDS = ["triton", "reference"] + (["cpu"] if _ext.available() else [])
-TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def make(shape, dtype, gen, transpose=False):
@@ -61,7 +58,7 @@ def test_bias_and_out_dtype(dtype, out_dtype, bias_dtype, backend):
     out = mixprec.ops.matmul(a, b, bias=bias, out_dtype=out_dtype, backend=backend)
     ref = a.double() @ b.double() + (0 if bias is None else bias.double())
     assert out.dtype == (out_dtype or dtype)
-    tol = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[out_dtype or dtype]
+    tol = TOL[out_dtype or dtype]
     assert rel_err(out, ref) <= tol
 
 
@@ -90,7 +87,7 @@ def test_matmul_accumulate_(dtype, backend):
     assert mixprec.ops.matmul_accumulate_(c, a, b, backend=backend) is None
     assert c.data_ptr() == ptr and c.dtype == torch.float32
     # fp32 result: only the fp32 accumulation error remains
-    assert rel_err(c, ref) <= 1e-5
+    assert rel_err(c, ref) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,7 +97,7 @@ def test_matmul_accumulate_into_strided_c(backend):
     c = torch.randn(5, 9, 2, generator=gen).permute(2, 1, 0)  # not viewable as [B, M, N] with unit stride
     ref = c.double() + a.double() @ b.double()
     mixprec.ops.matmul_accumulate_(c, a, b, backend=backend)
-    assert rel_err(c, ref) <= 1e-5
+    assert rel_err(c, ref) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

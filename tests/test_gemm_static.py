@@ -17,37 +17,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # Runs in a subprocess: under TRITON_INTERPRET=1 (set by conftest.py) @triton.jit gives interpreter objects
-# that triton.compile cannot build, and the variable is read when the kernels are decorated.
+# that triton.compile cannot build, and the variable is read when the kernels are decorated. The specs (signature,
+# specialization, configs) are the kernel module's AOT_SPECS, the same that `python -m mixprec inspect` compiles.
 _AOT = r"""
 import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from mixprec.kernels.gemm import _configs, _gemm_kernel
+from mixprec.inspect import compile_triton
+from mixprec.kernels.gemm import AOT_SPECS
 
 cc, dtype, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-t = {"fp16": "*fp16", "bf16": "*bf16"}[dtype]
-sig = {"a_ptr": t, "b_ptr": t, "c_ptr": t, "bias_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-       "stride_ab": "i64", "stride_am": "i32", "stride_ak": "constexpr", "stride_bk": "constexpr",
-       "stride_bn": "i32", "stride_cb": "i64", "stride_cm": "i32", "stride_cn": "constexpr",
-       "HAS_BIAS": "constexpr", "ACCUMULATE": "constexpr", "UPCAST_DOT": "constexpr",
-       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
-# what the runtime specializes on for aligned tensors: 16-divisible pointers, sizes and strides
-attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 8, 10, 13)}
 report = []
-for i, cfg in enumerate(_configs()):
-    # the linear layer's forward: a K-contiguous, b = W^T (K-contiguous), bias, half output
-    constexprs = {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "HAS_BIAS": True, "ACCUMULATE": False,
-                  "UPCAST_DOT": False, **cfg.kwargs}
-    k = triton.compile(ASTSource(fn=_gemm_kernel, signature=sig, constexprs=constexprs, attrs=attrs),
-                       target=GPUTarget("cuda", cc, 32),
-                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+for i, spec in enumerate(s for s in AOT_SPECS if s["dtype"] == dtype):
+    k = compile_triton(spec, cc, "kernels/gemm.py")
     path = f"{out_dir}/gemm_{i}.cubin"
     open(path, "wb").write(k.asm["cubin"])
-    report.append({"path": path, "config": f"{cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}",
+    report.append({"path": path, "config": spec["config"], "accumulate": spec["accumulate"],
                    "shared": k.metadata.shared})
 print(json.dumps(report))
 """
+
+
+def test_aot_specs_cover_every_config_and_mode():
+    from mixprec.kernels import gemm
+
+    assert len(gemm.GPU_CONFIGS) > 1 and gemm.ACCUMULATE_CONFIGS
+    seen = {(s["dtype"], s["accumulate"], s["constexprs"]["BLOCK_M"], s["constexprs"]["BLOCK_N"],
+             s["constexprs"]["BLOCK_K"], s["options"]["num_warps"], s["options"]["num_stages"]) for s in gemm.AOT_SPECS}
+    want = {(dt, acc, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+            for dt in ("fp16", "bf16") for acc in (False, True) for c in (gemm.ACCUMULATE_CONFIGS if acc else
+                                                                       gemm.GPU_CONFIGS)}
+    assert seen == want and len(gemm.AOT_SPECS) == len(want)
+    for s in gemm.AOT_SPECS:  # every kernel argument is typed, and every constexpr has a value
+        assert list(s["signature"]) == gemm._gemm_kernel.arg_names, s["config"]
+        assert {a for a, t in s["signature"].items() if t == "constexpr"} == set(s["constexprs"]), s["config"]
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -57,10 +58,10 @@ def test_triton_gemm_uses_tensor_cores_without_spills(cc, dtype, tmp_path):
     out = subprocess.run([sys.executable, "-c", _AOT, str(cc), dtype, str(tmp_path)], env=env, check=True,
                          capture_output=True, text=True).stdout
     report = json.loads(out.strip().splitlines()[-1])
-    assert len(report) > 1
+    assert {e["accumulate"] for e in report} == {False, True} and len(report) > 2
     for entry in report:
         info = inspect_binary(entry["path"], cc)["_gemm_kernel"]
-        print(f"triton gemm sm_{cc} {dtype} {entry['config']}: {info.registers} regs, {entry['shared']} B shared, "
+        print(f"triton gemm sm_{cc} {entry['config']}: {info.registers} regs, {entry['shared']} B shared, "
               f"hmma.f32={info.hmma_f32}, hgmma.f32={info.hgmma_f32}")
         assert not info.spills, f"{entry['config']} spills on sm_{cc}: {info}"
         if cc == 80:

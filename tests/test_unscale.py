@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import mixprec
 from mixprec import reference
-from tests.helpers import DTYPES, assert_bitwise_equal, random_grad
+from tests.helpers import DTYPES, assert_bitwise_equal, random_grad, use_backend
 
 BACKENDS = ["cpu-avx2", "cpu-portable", "triton", "reference"]
 
@@ -14,15 +14,7 @@ BACKENDS = ["cpu-avx2", "cpu-portable", "triton", "reference"]
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     """The backend name to pass; the two CPU variants differ only in MIXPREC_CPU_SIMD."""
-    name = request.param
-    if name.startswith("cpu"):
-        from mixprec.info import cpu_flags
-
-        if name == "cpu-avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
-            pytest.skip("CPU lacks AVX2/FMA/F16C")
-        monkeypatch.setenv("MIXPREC_CPU_SIMD", "1" if name == "cpu-avx2" else "0")
-        return "cpu"
-    return name
+    return use_backend(request.param, monkeypatch)
 
 
 def _scalars(inv=1 / 3):

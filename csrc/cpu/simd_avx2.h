@@ -24,14 +24,13 @@ MIXPREC_AVX2 inline __m256 load8(const void* p) {
   }
 }
 
-// Round to nearest even into the storage type; same bits as mixprec/rounding.h for every input
-// (NaN stays a quiet NaN with its sign; F16C's vcvtps2ph is IEEE RNE with subnormal results).
+// 8 fp32 lanes rounded to nearest even into fp16 / bf16 bits; same bits as mixprec/rounding.h for every
+// input (NaN stays a quiet NaN with its sign; F16C's vcvtps2ph is IEEE RNE with subnormal results).
 template <DType T>
-MIXPREC_AVX2 inline void store8(void* p, __m256 v) {
-  if constexpr (T == DType::Float32) {
-    _mm256_storeu_ps(static_cast<float*>(p), v);
-  } else if constexpr (T == DType::Float16) {
-    _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+MIXPREC_AVX2 inline __m128i pack_half8(__m256 v) {
+  static_assert(T != DType::Float32, "half types only");
+  if constexpr (T == DType::Float16) {
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   } else {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -42,7 +41,17 @@ MIXPREC_AVX2 inline void store8(void* p, __m256 v) {
     // values are < 2^16, so the signed->unsigned saturating pack is exact; it interleaves 128-bit lanes,
     // which the permute undoes.
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0b1000);
-    _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    return _mm256_castsi256_si128(packed);
+  }
+}
+
+// Round to nearest even into the storage type (see pack_half8).
+template <DType T>
+MIXPREC_AVX2 inline void store8(void* p, __m256 v) {
+  if constexpr (T == DType::Float32) {
+    _mm256_storeu_ps(static_cast<float*>(p), v);
+  } else {
+    _mm_storeu_si128(static_cast<__m128i*>(p), pack_half8<T>(v));
   }
 }
 
@@ -58,5 +67,20 @@ MIXPREC_AVX2 inline float hsum(__m256 v) {
   const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
+
+// 8 fp32 lanes as a type of their own, so that element math written once for `float` (the op_* functions of
+// mixprec/adam_math.h) runs on vectors through overloading (found by argument-dependent lookup). Callers
+// instantiate that math inside a MIXPREC_AVX2 __attribute__((flatten)) function, which inlines it all there.
+struct Vec8 {
+  __m256 v;
+};
+MIXPREC_AVX2 inline Vec8 broadcast8(float x) { return {_mm256_set1_ps(x)}; }
+MIXPREC_AVX2 inline Vec8 op_add(Vec8 a, Vec8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+MIXPREC_AVX2 inline Vec8 op_mul(Vec8 a, Vec8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+MIXPREC_AVX2 inline Vec8 op_div(Vec8 a, Vec8 b) { return {_mm256_div_ps(a.v, b.v)}; }
+MIXPREC_AVX2 inline Vec8 op_sqrt(Vec8 a) { return {_mm256_sqrt_ps(a.v)}; }
+MIXPREC_AVX2 inline Vec8 op_neg(Vec8 a) { return {_mm256_xor_ps(a.v, _mm256_set1_ps(-0.f))}; }
+// maxps returns its second operand when either is NaN: the scalar op_max's semantics.
+MIXPREC_AVX2 inline Vec8 op_max(Vec8 a, Vec8 b) { return {_mm256_max_ps(a.v, b.v)}; }
 
 }  // namespace mixprec::avx2

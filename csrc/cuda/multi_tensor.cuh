@@ -21,6 +21,7 @@ template <> struct ListCapacity<3> { static constexpr int tensors = 48, blocks =
 template <> struct ListCapacity<4> { static constexpr int tensors = 36, blocks = 320; };
 template <> struct ListCapacity<5> { static constexpr int tensors = 30, blocks = 320; };
 template <> struct ListCapacity<6> { static constexpr int tensors = 24, blocks = 320; };
+template <> struct ListCapacity<7> { static constexpr int tensors = 20, blocks = 320; };  // adam: 6 buffers + step
 
 template <int Depth>
 struct TensorListMeta {

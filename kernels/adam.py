@@ -1,0 +1,153 @@
+"""Triton Adam/AdamW step: the semantics of mixprec.reference.adam_step_ (csrc/include/mixprec/adam_math.h).
+
+One program grid per tensor. Every fp32 operation is spelled as in adam_math.h (div_rn / sqrt_rn for the IEEE
+results, launched with enable_fp_fusion=False so that no multiply-add is contracted into an FMA), which makes
+the results bitwise those of the CPU and CUDA kernels. The per-tensor coefficients are computed in fp64 from
+the device scalars lr and step; beta^step is exp(step * log(beta)) (libdevice.pow is not available under the
+interpreter), which can differ from the C pow in the last fp64 bit and so, very rarely, in an fp32 coefficient.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ._rounding import round_to, to_float32
+
+BLOCK = 1024
+
+
+@triton.jit
+def _hash32(x):
+    """mixprec/adam_math.h hash32 (lowbias32) on uint32."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _bf16_stochastic(x, key, index):
+    """adam_math.h float_to_bf16_sr(x, sr_bits(key, index)) for fp32 x and int64 index."""
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    hi = (index >> 32).to(tl.uint32)
+    bits = _hash32(_hash32(lo ^ key) + hi) & 0xFFFF
+    u = x.to(tl.uint32, bitcast=True)
+    is_nan = (u & 0x7FFFFFFF) > 0x7F800000
+    out = tl.where(is_nan, (u >> 16) | 0x40, (u + bits) >> 16)
+    return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, step_ptr, lr_ptr, scale_ptr, found_ptr, clip_ptr,
+                 hyper_ptr, n, beta1_f, one_minus_beta1_f, beta2_f, one_minus_beta2_f, eps_f, wd_f, seed, stream,
+                 MASTER: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 HAS_WD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, HAS_CLIP: tl.constexpr,
+                 STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    if HAS_FOUND:
+        if tl.load(found_ptr) != 0.0:
+            return  # a skipped step writes nothing
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+
+    # per-tensor coefficients: fp64, each rounded once to fp32 (adam_math.h adam_coeffs)
+    step32 = tl.load(step_ptr) + 1.0
+    step = step32.to(tl.float64)
+    lr = tl.load(lr_ptr).to(tl.float64)
+    beta1 = tl.load(hyper_ptr)
+    beta2 = tl.load(hyper_ptr + 1)
+    wd = tl.load(hyper_ptr + 2)
+    bc1 = 1.0 - tl.exp(step * tl.log(beta1))
+    bc2 = 1.0 - tl.exp(step * tl.log(beta2))
+    neg_step_size = (-(lr / bc1)).to(tl.float32)
+    inv_bc2_sqrt = (1.0 / tl.sqrt(bc2)).to(tl.float32)  # fp64 sqrt and division are IEEE
+    decay = (1.0 - lr * wd).to(tl.float32)
+    factor = tl.full((), 1.0, tl.float32)
+    if HAS_SCALE:
+        factor = tl.div_rn(factor, tl.load(scale_ptr))
+    if HAS_CLIP:
+        factor = factor * tl.load(clip_ptr)
+
+    # the element update (adam_math.h adam_update)
+    if MASTER:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    else:
+        w = to_float32(tl.load(p_ptr + offs, mask=mask, other=0.0))
+    g = to_float32(tl.load(g_ptr + offs, mask=mask, other=0.0)) * factor
+    if MAXIMIZE:
+        g = -g
+    if HAS_WD:
+        if DECOUPLED:
+            w = w * decay
+        else:
+            g = g + w * wd_f
+    m = beta1_f * tl.load(m_ptr + offs, mask=mask, other=0.0) + one_minus_beta1_f * g
+    v = beta2_f * tl.load(v_ptr + offs, mask=mask, other=0.0) + (one_minus_beta2_f * g) * g
+    second = v
+    if AMSGRAD:
+        vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0)
+        second = tl.where(vmax > v, vmax, v)
+        tl.store(vmax_ptr + offs, second, mask=mask)
+    denom = tl.sqrt_rn(second) * inv_bc2_sqrt + eps_f
+    w = w + tl.div_rn(neg_step_size * m, denom)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    if MASTER:
+        tl.store(w_ptr + offs, w, mask=mask)
+    if STOCHASTIC:
+        key = _hash32(_hash32(_hash32(seed.to(tl.uint32)) ^ stream.to(tl.uint32)) + step32.to(tl.uint32))
+        tl.store(p_ptr + offs, _bf16_stochastic(w, key, offs), mask=mask)
+    else:
+        tl.store(p_ptr + offs, round_to(w, p_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _hyper(device: torch.device, beta1: float, beta2: float, weight_decay: float) -> torch.Tensor:
+    """The fp64 hyper-parameters (Triton passes Python floats as fp32), made once per value and device."""
+    return torch.tensor([beta1, beta2, weight_decay], dtype=torch.float64, device=device)
+
+
+def _f32(x: float) -> float:
+    """x rounded once to fp32 (the scalar arguments Triton receives as fp32 are then exact)."""
+    return float(np.float32(x))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A dense (possibly permuted) tensor walked over its storage: as_strided keeps the same memory."""
+    return t if t.is_contiguous() else t.as_strided((t.numel(),), (1,))
+
+
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, beta1, beta2, eps,
+               weight_decay, decoupled, maximize=False, grad_scale=None, found_inf=None, clip_coef=None, sr_seed=-1):
+    """Arguments as mixprec.reference.adam_step_, validated by mixprec.ops."""
+    if not params:
+        return
+    device = params[0].device
+    amsgrad, master = len(max_exp_avg_sqs) > 0, len(master_params) > 0
+    hyper = _hyper(device, float(beta1), float(beta2), float(weight_decay))
+    dummy = exp_avgs[0]  # stands for the absent optional pointers (never read: the flags are constexpr)
+    for i, p in enumerate(params):
+        n = p.numel()
+        if n > 0:
+            stochastic = sr_seed >= 0 and p.dtype == torch.bfloat16 and not master
+            _adam_kernel[(triton.cdiv(n, BLOCK),)](
+                _flat(p), _flat(grads[i]), _flat(exp_avgs[i]), _flat(exp_avg_sqs[i]),
+                _flat(max_exp_avg_sqs[i]) if amsgrad else dummy, _flat(master_params[i]) if master else dummy,
+                steps[i], lr, grad_scale if grad_scale is not None else dummy,
+                found_inf if found_inf is not None else dummy, clip_coef if clip_coef is not None else dummy,
+                hyper, n, _f32(beta1), _f32(1 - beta1), _f32(beta2), _f32(1 - beta2), _f32(eps), _f32(weight_decay),
+                max(sr_seed, 0), i,
+                MASTER=master, AMSGRAD=amsgrad, DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize),
+                HAS_WD=weight_decay != 0, HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
+                HAS_CLIP=clip_coef is not None, STOCHASTIC=stochastic, BLOCK=BLOCK, enable_fp_fusion=False)
+    # the step counts, after every tensor has read its own; kept on the device (no sync)
+    if found_inf is None:
+        torch._foreach_add_(steps, 1.0)
+    else:
+        torch._foreach_add_(steps, (found_inf == 0).to(torch.float32).reshape(()))
