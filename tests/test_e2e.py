@@ -127,10 +127,10 @@ def test_prepare_refuses_a_non_module():
         mixprec.prepare({}, dtype=torch.float16)
 
 
-def test_stand_in_switch(monkeypatch):
-    monkeypatch.setenv("MIXPREC_STAND_INS", "1")
-    assert _parts.describe() == {"optimizer": "mixprec._parts.MasterWeightAdamW",
-                                 "scaler": "mixprec.amp.GradScaler", "linear": "mixprec.nn.Linear"}
+def test_prepare_builds_mixprecs_own_parts():
+    model, optimizer, scaler = mixprec.prepare(_Net(), dtype=torch.float16)
+    assert type(optimizer) is mixprec.optim.FusedAdamW and type(scaler) is mixprec.amp.GradScaler
+    assert type(model.fc1) is mixprec.nn.Linear
 
 
 FP32_LOOP = """
