@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_info(args) -> int:
@@ -12,6 +15,31 @@ def _cmd_info(args) -> int:
     d = info()
     print(json.dumps(d, indent=2) if args.json else format_info(d))
     return 0
+
+
+def load_train_example():
+    """examples/train.py as a module: mixprec.examples.train where setup.py installs examples/ as
+    mixprec.examples, else the file beside the package in a source checkout or editable install."""
+    try:
+        return importlib.import_module("mixprec.examples.train")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("mixprec.examples", "mixprec.examples.train"):
+            raise
+    path = Path(__file__).resolve().parent.parent / "examples" / "train.py"
+    if not path.is_file():
+        raise RuntimeError(f"the demo needs examples/train.py: neither mixprec.examples is installed nor {path} "
+                           f"exists")
+    name = "mixprec_examples_train"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before exec: dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _cmd_demo(args) -> int:
+    return load_train_example().main(args.demo_args)
 
 
 def _cmd_bench(args) -> int:
@@ -52,12 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
                                         "then print the benchmark table")
     selftest.add_arguments(p)
     p.set_defaults(func=_cmd_selftest)
+    # add_help=False and parse_known_args in main(): every demo option (--help included) goes to examples/train.py
+    p = sub.add_parser("demo", help="train small real models in fp32, fp16 and bf16; table and PNG "
+                                    "(`demo --help` for its options)", add_help=False)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "demo":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.demo_args = rest
     args.argv = argv  # bench records its own command line
     return args.func(args)
 

@@ -26,3 +26,14 @@ def cpu_simd(request, monkeypatch):
         pytest.skip("CPU lacks AVX2/FMA/F16C")
     monkeypatch.setenv("MIXPREC_CPU_SIMD", "1" if request.param == "avx2" else "0")
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Runs a test with one torch thread: the end-to-end models are tiny (one thread is faster, and on a busy
+    2-core machine much faster), and bit-for-bit comparisons between runs need one fixed thread count
+    (it changes the GEMM blocking, hence the rounding)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,1 @@
+"""Examples, installed as mixprec.examples (run the training demo with `python -m mixprec demo`)."""

@@ -1,0 +1,205 @@
+"""mixprec.prepare (exported from mixprec): an fp32 model made mixed precision in one call, Apex O2 style.
+
+    model, optimizer, scaler = mixprec.prepare(model, dtype=torch.float16, optimizer_kwargs={"lr": 1e-3})
+    ...
+    scaler.scale(loss).backward()
+    scaler.step(optimizer); scaler.update()
+
+What it does to the model, in place (as model.half() does), before the optimizer is built on its params:
+- every parameter and floating buffer is cast to `dtype`, except in modules of the `keep_fp32` types
+  (normalization layers by default: their statistics and affine parameters need fp32's precision). Those run in
+  fp32: a forward pre-hook casts their floating inputs to fp32 and a forward hook casts their floating outputs
+  back to `dtype`, so the layers around them see half-precision activations.
+- every torch.nn.Linear (exactly that type; subclasses such as MultiheadAttention's out_proj are left alone,
+  their owners call F.linear on the weight directly) becomes mixprec.nn.Linear, sharing its parameters.
+- floating inputs of the model are cast to `dtype` and floating outputs to `output_dtype` (fp32 by default,
+  so the loss and softmax run in fp32); integer inputs such as token ids pass unchanged.
+
+The optimizer holds fp32 master weights of the half params (mixprec.optim.FusedAdamW by default).
+
+The GradScaler, by dtype:
+- float16: dynamic loss scaling with torch's defaults (init_scale 2**16, growth x2 every 2000 clean steps,
+  back-off x0.5 on overflow): fp16 has 5 exponent bits, and small gradients flush to zero unscaled.
+- bfloat16: no loss scaling is needed (8 exponent bits, fp32's range), so the scale starts at 1.0 and is
+  capped there (max_scale=1.0): it never grows. The scaler stays enabled because it still checks the grads
+  for inf/NaN in the same fused pass and skips a poisoned step instead of writing NaN into the fp32 masters;
+  such a step halves the scale (harmless in bf16's range), and 2000 clean steps bring it back to 1.0.
+  Pass scaler_kwargs={"enabled": False} for a plain loop without the check.
+scaler_kwargs override any of these.
+
+Order with torch.distributed: prepare first, then wrap the returned model in DistributedDataParallel (DDP
+registers its gradient buckets with the parameter dtypes it sees). FSDP2: prepare(..., shard=fn) shards the
+converted model before the optimizer is built; mixprec classes whose fused kernels cannot take DTensors are
+refused with a NotImplementedError naming them (check_dtensor_support), not left to fail inside a kernel.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixprec import _parts
+
+try:
+    import torch.distributed.tensor as dist_tensor
+except ImportError:  # torch built without distributed
+    dist_tensor = None
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+DEFAULT_KEEP_FP32: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm,
+)
+
+
+def default_scaler_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """The GradScaler arguments prepare() uses for `dtype` (see the module docstring for why)."""
+    if dtype == torch.bfloat16:
+        return {"init_scale": 1.0, "max_scale": 1.0}
+    return {}
+
+
+def _cast_floating(obj, dtype: torch.dtype):
+    """obj with every floating-point tensor in it (through tuples, lists and dicts) cast to dtype."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        cast = [_cast_floating(o, dtype) for o in obj]
+        return type(obj)(*cast) if hasattr(obj, "_fields") else type(obj)(cast)  # namedtuples too
+    if isinstance(obj, dict):
+        return type(obj)((k, _cast_floating(v, dtype)) for k, v in obj.items())
+    return obj
+
+
+def _cast_inputs_hook(dtype: torch.dtype):
+    def hook(module, args, kwargs):
+        return _cast_floating(args, dtype), _cast_floating(kwargs, dtype)
+    return hook
+
+
+def _cast_output_hook(dtype: torch.dtype):
+    def hook(module, args, output):
+        return _cast_floating(output, dtype)
+    return hook
+
+
+def _cast_own_tensors(module: nn.Module, dtype: torch.dtype) -> None:
+    """Casts the module's own floating parameters and buffers (not its children's), keeping Parameter
+    identity so hooks and references to the parameters survive, as nn.Module.to does."""
+    with torch.no_grad():
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_floating_point():
+                setattr(module, name, b.to(dtype))
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return dist_tensor is not None and isinstance(t, dist_tensor.DTensor)
+
+
+def check_dtensor_support(cls: type, params) -> None:
+    """Raises NotImplementedError when `params` hold DTensors and `cls` (an optimizer or GradScaler class)
+    runs mixprec's fused kernels on them without declaring `supports_dtensor = True`.
+
+    Why: mixprec's kernels are custom ops (torch.ops.mixprec.*), and DTensor refuses any op without a
+    sharding rule ("does not have a sharding strategy registered"). Adam and unscale are elementwise, so a
+    class may support FSDP2 by running its kernels on each rank's local shard (DTensor.to_local()) and
+    all-reducing found_inf (MAX) and the grad norm (SUM); such a class sets supports_dtensor = True. Classes
+    from outside mixprec (torch.optim.AdamW, torch.amp.GradScaler) run torch ops, which DTensor handles."""
+    if not cls.__module__.startswith("mixprec.") or getattr(cls, "supports_dtensor", False):
+        return
+    if any(_is_dtensor(p) for p in params):
+        raise NotImplementedError(
+            f"{cls.__module__}.{cls.__qualname__} does not support FSDP2 (fully_shard) / DTensor parameters: its "
+            f"fused kernels are custom ops with no DTensor sharding rule. Shard with DDP instead, or use "
+            f"optimizer_class=torch.optim.AdamW with fully_shard(mp_policy=MixedPrecisionPolicy(...)) on fp32 "
+            f"parameters")
+
+
+def _swap_linears(model: nn.Module, linear_cls) -> nn.Module:
+    if type(model) is nn.Linear:
+        return linear_cls.from_linear(model)
+    for name, child in model.named_children():
+        new = _swap_linears(child, linear_cls)
+        if new is not child:
+            setattr(model, name, new)
+    return model
+
+
+def convert(model: nn.Module, dtype: torch.dtype, *, keep_fp32=DEFAULT_KEEP_FP32, swap_linear: bool = True,
+            output_dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """The model half of prepare(): casts, hooks and swaps in place and returns the model (the root may be
+    replaced when it is itself a Linear). No optimizer is built."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if dtype not in HALF_DTYPES:
+        raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+    keep_fp32 = tuple(keep_fp32)
+    bad = [k for k in keep_fp32 if not (isinstance(k, type) and issubclass(k, nn.Module))]
+    if bad:
+        raise TypeError(f"keep_fp32 must hold nn.Module subclasses, got {bad!r}")
+    if output_dtype is not None and not (isinstance(output_dtype, torch.dtype) and output_dtype.is_floating_point):
+        raise ValueError(f"output_dtype must be a floating torch.dtype or None, got {output_dtype!r}")
+    if any(_is_dtensor(p) for p in model.parameters()):
+        raise ValueError("model: its parameters are already DTensors (FSDP2 fully_shard or tensor parallel); "
+                         "casting them would detach them from the sharding. Pass the unsharded model and the "
+                         "sharding as prepare(..., shard=fn)")
+
+    if swap_linear:
+        model = _swap_linears(model, _parts.linear_class())
+
+    for module in model.modules():
+        if isinstance(module, keep_fp32):
+            _cast_own_tensors(module, torch.float32)
+            module.register_forward_pre_hook(_cast_inputs_hook(torch.float32), with_kwargs=True)
+            module.register_forward_hook(_cast_output_hook(dtype))
+        else:
+            _cast_own_tensors(module, dtype)
+    model.register_forward_pre_hook(_cast_inputs_hook(dtype), with_kwargs=True)
+    if output_dtype is not None:
+        model.register_forward_hook(_cast_output_hook(output_dtype))
+    return model
+
+
+def prepare(model: nn.Module, optimizer_class: type[torch.optim.Optimizer] | None = None,
+            dtype: torch.dtype = torch.float16, *, optimizer_kwargs: dict[str, Any] | None = None,
+            keep_fp32=DEFAULT_KEEP_FP32, swap_linear: bool = True,
+            output_dtype: torch.dtype | None = torch.float32, scaler_kwargs: dict[str, Any] | None = None,
+            shard=None):
+    """Returns (model, optimizer, scaler) for mixed precision training; see the module docstring.
+
+    model: an fp32 nn.Module on its training device, converted in place (and returned).
+    optimizer_class: built as optimizer_class(model.parameters(), **optimizer_kwargs); default
+        mixprec.optim.FusedAdamW (fp32 master weights).
+    dtype: torch.float16 or torch.bfloat16.
+    keep_fp32: module types that stay fp32 (default: normalization layers, DEFAULT_KEEP_FP32).
+    swap_linear: replace torch.nn.Linear with mixprec.nn.Linear (fp32-accumulating GEMMs).
+    output_dtype: dtype of the model's floating outputs (fp32 so the loss is computed in fp32), or None.
+    scaler_kwargs: GradScaler arguments over default_scaler_kwargs(dtype).
+    shard: optional callable applied to the converted model before the optimizer is built, e.g.
+        `lambda m: fully_shard(m)` for FSDP2 (it may return the model or None). The optimizer and scaler classes
+        are then checked with check_dtensor_support.
+    """
+    if optimizer_class is None:
+        optimizer_class = _parts.optimizer_class()
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+    model = convert(model, dtype, keep_fp32=keep_fp32, swap_linear=swap_linear, output_dtype=output_dtype)
+    if shard is not None:
+        model = shard(model) or model
+    params = list(model.parameters())
+    devices = {p.device for p in params}
+    if len(devices) != 1:
+        raise ValueError(f"model must have its parameters on one device, got {sorted(map(str, devices))}")
+    scaler_class = _parts.grad_scaler_class()
+    for cls in (optimizer_class, scaler_class):
+        check_dtensor_support(cls, params)
+    optimizer = optimizer_class(params, **(optimizer_kwargs or {}))
+    kwargs = {"device": devices.pop().type, **default_scaler_kwargs(dtype), **(scaler_kwargs or {})}
+    scaler = scaler_class(**kwargs)
+    return model, optimizer, scaler
