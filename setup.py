@@ -50,8 +50,9 @@ def _extension():
 
 
 setup(
-    packages=["mixprec", "mixprec.ops", "mixprec.kernels", "mixprec.benchmarks"],
-    package_dir={"mixprec": "mixprec", "mixprec.kernels": "kernels", "mixprec.benchmarks": "benchmarks"},
+    packages=["mixprec", "mixprec.ops", "mixprec.kernels", "mixprec.benchmarks", "mixprec.examples"],
+    package_dir={"mixprec": "mixprec", "mixprec.kernels": "kernels", "mixprec.benchmarks": "benchmarks",
+                 "mixprec.examples": "examples"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 
 def _cmd_info(args) -> int:
@@ -18,24 +16,8 @@ def _cmd_info(args) -> int:
 
 
 def load_train_example():
-    """examples/train.py as a module: mixprec.examples.train where setup.py installs examples/ as
-    mixprec.examples, else the file beside the package in a source checkout or editable install."""
-    try:
-        return importlib.import_module("mixprec.examples.train")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("mixprec.examples", "mixprec.examples.train"):
-            raise
-    path = Path(__file__).resolve().parent.parent / "examples" / "train.py"
-    if not path.is_file():
-        raise RuntimeError(f"the demo needs examples/train.py: neither mixprec.examples is installed nor {path} "
-                           f"exists")
-    name = "mixprec_examples_train"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before exec: dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """examples/train.py, installed by setup.py as mixprec.examples.train."""
+    return importlib.import_module("mixprec.examples.train")
 
 
 def _cmd_demo(args) -> int:
