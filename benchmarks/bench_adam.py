@@ -19,7 +19,7 @@ import resource
 import torch
 
 from mixprec.benchmarks.ceiling import cpu_stream, gbps
-from mixprec.benchmarks.rows import row
+from mixprec.benchmarks.rows import row, run_on_device
 from mixprec.benchmarks.timing import measure_interleaved, reduced
 from mixprec.optim import FusedAdamW
 
@@ -162,13 +162,4 @@ def _gpu(quick: bool) -> list[dict]:
 
 
 def run(quick: bool, device: str) -> list[dict]:
-    if device == "cpu":
-        return _cpu(quick)
-    if device == "cuda":
-        return _gpu(quick)
-    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-
-
-if __name__ == "__main__":
-    for r in run(True, "cuda" if torch.cuda.is_available() else "cpu"):
-        print(r)
+    return run_on_device(device, quick, cpu=_cpu, cuda=_gpu)

@@ -7,14 +7,13 @@ in-place mix at the same size, timed in the same rounds as ours and the peers (t
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 import mixprec
 from mixprec import _backend, _ext
 from mixprec.benchmarks.ceiling import cpu_stream, cuda_copy_gbps, gbps
-from mixprec.benchmarks.rows import row
+from mixprec.benchmarks.rows import row, run_on_device
 from mixprec.benchmarks.timing import measure_gpu, measure_interleaved, reduced
 
 OP = "unscale_and_check_"
@@ -118,14 +117,4 @@ def _run_cuda(quick: bool) -> list[dict]:
 
 
 def run(quick: bool, device: str) -> list[dict]:
-    if device == "cpu":
-        return _run_cpu(quick)
-    if device == "cuda":
-        return _run_cuda(quick)
-    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-
-
-if __name__ == "__main__":
-    for r in run(quick=True, device="cpu"):
-        print(r, {k: f"{r['median_ms'] and v / r['median_ms']:.2f}x" for k, v in r["peers"].items()},
-              f"{100 * r['value'] / r['ceiling']:.0f}% of ceiling" if r["ceiling"] and math.isfinite(r["ceiling"]) else "")
+    return run_on_device(device, quick, cpu=_run_cpu, cuda=_run_cuda)

@@ -19,3 +19,11 @@ def row(*, op: str, backend: str, device: str, shape: str, dtype: str, timing: T
         "peers": {name: t.median_ms for name, t in peers.items()},
         "notes": "; ".join(x for x in [notes, *spreads] if x),
     }
+
+
+def run_on_device(device: str, quick: bool, *, cpu, cuda) -> list[dict]:
+    """A bench script's run(): its CPU or its CUDA part. (Run the scripts with `python -m mixprec bench --op NAME`.)"""
+    parts = {"cpu": cpu, "cuda": cuda}
+    if device not in parts:
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    return parts[device](quick)
