@@ -11,7 +11,6 @@ setup: $(VENV)/.deps-installed
 
 $(VENV)/.deps-installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
