@@ -240,7 +240,9 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 
 def _label(r: dict) -> str:
-    return f"{r['op']} [{r['backend']}, {r['device']}]"
+    # the shape names the pass (e.g. the check pass) and the dtype the variant: rows of one op differ there
+    shape = r["shape"] if len(r["shape"]) <= 60 else r["shape"][:57] + "..."
+    return f"{r['op']} [{r['backend']}, {r['device']}, {r['dtype']}, {shape}]"
 
 
 def write_plots(rows: list[dict], out_dir: str) -> list[str]:
@@ -257,12 +259,12 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str]:
     written = []
     ratios = [(f"{_label(r)} vs {name}", ms / r["median_ms"]) for r in rows for name, ms in r["peers"].items()]
     if ratios:
-        fig, ax = plt.subplots(figsize=(9, 0.45 * len(ratios) + 1.5))
+        fig, ax = plt.subplots(figsize=(13, 0.45 * len(ratios) + 1.5))
         labels, values = zip(*ratios)
         # bars grow from 1x (parity) to the ratio, so slower-than-peer bars point left on the log axis
         ax.barh(range(len(values)), [v - 1 for v in values], left=1,
                 color=["tab:green" if v >= 1 else "tab:red" for v in values])
-        ax.set_xlim(min(0.5, min(values) / 1.5), max(2.0, max(values) * 1.5))
+        ax.set_xlim(min(0.5, min(values) / 1.5), max(2.0, max(values) * 3))  # room for the value labels
         ax.set_yticks(range(len(values)), labels, fontsize=8)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
