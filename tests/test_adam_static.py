@@ -13,25 +13,14 @@ from mixprec._sass import inspect_binary
 triton = pytest.importorskip("triton")
 
 # Runs in a subprocess: under TRITON_INTERPRET=1 (set by conftest.py) @triton.jit gives interpreter objects.
+# The specialization is the kernel module's AOT_SPECS, the same that `python -m mixprec inspect` compiles.
 _AOT = r"""
 import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from mixprec.kernels.adam import BLOCK, _adam_kernel
+from mixprec.inspect import compile_triton
+from mixprec.kernels.adam import AOT_SPECS
 
 cc, variant, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-p = {"fp16-master": "*fp16", "bf16-sr": "*bf16"}[variant]
-sig = {"p_ptr": p, "g_ptr": p, "m_ptr": "*fp32", "v_ptr": "*fp32", "vmax_ptr": "*fp32", "w_ptr": "*fp32",
-       "step_ptr": "*fp32", "lr_ptr": "*fp32", "scale_ptr": "*fp32", "found_ptr": "*fp32", "clip_ptr": "*fp32",
-       "hyper_ptr": "*fp64", "n": "i32", "beta1_f": "fp32", "one_minus_beta1_f": "fp32", "beta2_f": "fp32",
-       "one_minus_beta2_f": "fp32", "eps_f": "fp32", "wd_f": "fp32", "seed": "i32", "stream": "i32"}
-flags = dict(MASTER=variant == "fp16-master", AMSGRAD=True, DECOUPLED=True, MAXIMIZE=False, HAS_WD=True,
-             HAS_SCALE=True, HAS_FOUND=True, HAS_CLIP=True, STOCHASTIC=variant == "bf16-sr", BLOCK=BLOCK)
-sig.update({k: "constexpr" for k in flags})
-attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
-k = triton.compile(ASTSource(fn=_adam_kernel, signature=sig, constexprs=flags, attrs=attrs),
-                   target=GPUTarget("cuda", cc, 32), options={"enable_fp_fusion": False})
+k = compile_triton(next(s for s in AOT_SPECS if s["variant"] == variant), cc, "kernels/adam.py")
 path = f"{out_dir}/adam_{variant}.cubin"
 open(path, "wb").write(k.asm["cubin"])
 print(json.dumps({"path": path}))
