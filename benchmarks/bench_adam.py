@@ -77,8 +77,10 @@ def _cpu(quick: bool) -> list[dict]:
     st = [opt.state[p] for p in params]
     # the kernel alone: the op on prebuilt lists, without the optimizer's bookkeeping
     args = ([p.detach() for p in params], [p.grad for p in params], [s["exp_avg"] for s in st],
-            [s["exp_avg_sq"] for s in st], [], [s["master_param"] for s in st], [s["step"] for s in st],
-            torch.tensor([1e-3]), 0.9, 0.999, 1e-8, 0.01, True, False, opt.grad_scale, opt.found_inf, None, -1)
+            [s["exp_avg_sq"] for s in st], [s["step"] for s in st])
+    kwargs = dict(max_exp_avg_sqs=[], master_params=[s["master_param"] for s in st], lr=torch.tensor([1e-3]),
+                  beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True, grad_scale=opt.grad_scale,
+                  found_inf=opt.found_inf)
 
     # peer: the torch composition for the same job
     masters = [torch.nn.Parameter(p.detach().float()) for p in params]
@@ -100,7 +102,7 @@ def _cpu(quick: bool) -> list[dict]:
     fused32 = torch.optim.AdamW(params32, lr=1e-3, fused=True)
     fused32.step()
 
-    contenders = {"ours": lambda i: opt.step(), "kernel": lambda i: torch.ops.mixprec.adam_step_(*args),
+    contenders = {"ours": lambda i: opt.step(), "kernel": lambda i: torch.ops.mixprec.adam_step_(*args, **kwargs),
                   "ceiling": cpu_stream(14 * n, 14 * n, arrays=adam_stream_layout(n)),
                   "torch composition (fp32 grads, unscale, AdamW fused, copy back)": composition,
                   "torch.optim.AdamW(fused=True) fp32 params": lambda i: fused32.step()}

@@ -3,18 +3,19 @@
 CPU: mixprec's own C++ streaming kernel (the private op torch.ops.mixprec._stream_bench_, AVX2, all cores
 through at::parallel_for), run with the read/write mix and working-set size of the kernel it judges. A
 fixed figure would mislead: on the 2-core Zen 3 build machines the bandwidth moves with the working set
-(ENVIRONMENT.md: ~43 GB/s at 8M fp32 elements read 4x / written 3x, 29 GB/s at 32M) and with the mix.
+(a plain OpenMP C++ loop measured there ~43 GB/s at 8M fp32 elements read 4x / written 3x, 29 GB/s at 32M)
+and with the mix.
 GPU: a device-to-device copy (torch), moving the same number of bytes.
 
     gbps, timing = cpu_stream_gbps(read_bytes, write_bytes)
     fn = cpu_stream(read_bytes, write_bytes)   # to time it in the same rounds as the kernel it judges
 
-How the CPU figure compares to ENVIRONMENT.md's (43 GB/s at 8M fp32 elements per array, 29 GB/s at 32M, 4
-arrays read and 3 written): those came from an OpenMP loop doing fp32 arithmetic; this kernel moves the
-same bytes (three arrays read and written back in place, one read only: Adam's pattern) with one XOR per
-32 bytes and ordinary stores, so on the same machine it should match or beat them; if it falls short, the
-kernels judged against it are being flattered. `python -m mixprec.benchmarks.ceiling` measures those two
-points; compare on a quiet machine (with others compiling on the 2 cores, every figure drops 2-4x).
+How the CPU figure compares to that OpenMP loop's: the loop did fp32 arithmetic; this kernel moves the same
+bytes (three arrays read and written back in place, one read only: Adam's pattern) with one XOR per 32 bytes
+and ordinary stores, so on the same machine it should match or beat it; if it falls short, the kernels judged
+against it are being flattered. `cpu_stream_gbps(4 * array, 3 * array, arrays=[(array, array)] * 3 + [(array,
+0)])` measures the same point; compare on a quiet machine (with others compiling on the 2 cores, every figure
+drops 2-4x).
 """
 from __future__ import annotations
 
@@ -122,17 +123,3 @@ def cuda_copy_gbps(read_bytes: int, write_bytes: int, *, quick: bool = False) ->
     dst = torch.empty_like(src)
     timing = measure_gpu(lambda: dst.copy_(src), quick=quick)
     return Ceiling(gbps(2 * n, timing), timing)
-
-
-def _compare_with_environment() -> None:
-    """Prints this kernel's figures at ENVIRONMENT.md's two data points (4 fp32 arrays read, 3 written back)."""
-    for elements in (8 << 20, 32 << 20):
-        array = 4 * elements
-        layout = [(array, array)] * 3 + [(array, 0)]
-        c = cpu_stream_gbps(4 * array, 3 * array, arrays=layout)
-        print(f"{elements >> 20}M fp32 elements, 4 read / 3 written in place: {c.gbps:.1f} GB/s "
-              f"(median {c.timing.median_ms:.2f} ms, IQR {c.timing.q25_ms:.2f}-{c.timing.q75_ms:.2f})")
-
-
-if __name__ == "__main__":
-    _compare_with_environment()

@@ -38,8 +38,8 @@ inline void check_list_size(at::TensorList list, const char* name, size_t n, boo
 }  // namespace detail
 
 inline AdamArgs check_adam_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                                at::TensorList master_params, at::TensorList steps, const at::Tensor& lr,
+                                at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList max_exp_avg_sqs,
+                                at::TensorList master_params, const at::Tensor& lr,
                                 double beta1, double beta2, double eps,
                                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                                 const std::optional<at::Tensor>& clip_coef, int64_t sr_seed, const at::Device& device) {

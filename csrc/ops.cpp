@@ -35,10 +35,12 @@ TORCH_LIBRARY(mixprec, m) {
   // steps[i] (one-element fp32) counts the updates done; the op uses steps[i] + 1 and stores it. lr and the
   // optional grad_scale / found_inf / clip_coef are one-element fp32 tensors read on the device; found_inf != 0
   // skips the step, writing nothing. sr_seed >= 0: bf16 params without masters are stored with stochastic
-  // rounding.
+  // rounding. Everything after the always-present lists is keyword-only (as aten::_fused_adamw_), in the order
+  // of mixprec.ops.adam_step_; a schema cannot default a tensor list, so the two optional lists are passed,
+  // empty when unused.
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] steps, Tensor lr, float beta1, "
+      "Tensor(d!)[] steps, *, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] master_params, Tensor lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled, bool maximize=False, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor? clip_coef=None, int sr_seed=-1) -> ()");
   // Private: the CPU memory-bandwidth ceiling of the benchmarks (benchmarks/ceiling.py). Reads every byte of

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixprec
-from mixprec import _parts, checkpoint
+from mixprec import checkpoint
 
 MODES = ("fp32", "fp16", "bf16")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -322,7 +322,6 @@ def main(argv: list[str] | None = None) -> int:
         if not chosen or any(c not in allowed for c in chosen):
             parser.error(f"{name} must be a comma-separated subset of {','.join(allowed)}, got {chosen}")
 
-    print("parts: " + ", ".join(f"{k}={v}" for k, v in _parts.describe().items()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, seed {args.seed}"
           f"{', quick' if args.quick else ''}")
     results = []

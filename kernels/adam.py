@@ -107,31 +107,6 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, step_ptr, lr_ptr, 
         tl.store(p_ptr + offs, round_to(w, p_ptr.dtype.element_ty), mask=mask)
 
 
-def _aot_spec(variant: str) -> dict:
-    """The fused-AdamW specialization compiled ahead of time by `python -m mixprec inspect` and the static tests:
-    fp16 params with fp32 masters, or bf16 params with stochastic rounding, all optional inputs present."""
-    half = {"fp16-master": "*fp16", "bf16-sr": "*bf16"}[variant]
-    flags = dict(MASTER=variant == "fp16-master", AMSGRAD=True, DECOUPLED=True, MAXIMIZE=False, HAS_WD=True,
-                 HAS_SCALE=True, HAS_FOUND=True, HAS_CLIP=True, STOCHASTIC=variant == "bf16-sr", BLOCK=BLOCK)
-    signature = {"p_ptr": half, "g_ptr": half, "m_ptr": "*fp32", "v_ptr": "*fp32", "vmax_ptr": "*fp32",
-                 "w_ptr": "*fp32", "step_ptr": "*fp32", "lr_ptr": "*fp32", "scale_ptr": "*fp32", "found_ptr": "*fp32",
-                 "clip_ptr": "*fp32", "hyper_ptr": "*fp64", "n": "i32", "beta1_f": "fp32", "one_minus_beta1_f": "fp32",
-                 "beta2_f": "fp32", "one_minus_beta2_f": "fp32", "eps_f": "fp32", "wd_f": "fp32", "seed": "i32",
-                 "stream": "i32", **{k: "constexpr" for k in flags}}
-    return {"kernel": _adam_kernel, "config": f"{variant}, BLOCK={BLOCK}", "variant": variant, "signature": signature,
-            "constexprs": flags, "options": {"enable_fp_fusion": False},
-            # the six per-element streams are whole tensors (16-byte aligned); the scalars' pointers need not be
-            "aligned": ["p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "w_ptr"]}
-
-
-AOT_SPECS = [_aot_spec(variant) for variant in ("fp16-master", "bf16-sr")]
-_GPT2_SMALL = 124_439_808
-# fp16 params with fp32 masters: read grad 2, master 4, m 4, v 4; write master 4, m 4, v 4, param 2 (28 B/param);
-# ~20 flops per param (moments, sqrt, divide, decay, unscale and clip) is an estimate: memory-bound either way
-ROOFLINE = [{"op": "adam_step_", "problem": "GPT-2 small params, fp16 + fp32 masters (124.4M)",
-             "bytes": 28 * _GPT2_SMALL, "flops": 20 * _GPT2_SMALL}]
-
-
 @functools.cache
 def _hyper(device: torch.device, beta1: float, beta2: float, weight_decay: float) -> torch.Tensor:
     """The fp64 hyper-parameters (Triton passes Python floats as fp32), made once per value and device."""
@@ -148,7 +123,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.as_strided((t.numel(),), (1,))
 
 
-def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, beta1, beta2, eps,
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, *, max_exp_avg_sqs, master_params, lr, beta1, beta2, eps,
                weight_decay, decoupled, maximize=False, grad_scale=None, found_inf=None, clip_coef=None, sr_seed=-1):
     """Arguments as mixprec.reference.adam_step_, validated by mixprec.ops."""
     if not params:

@@ -25,9 +25,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Only configs whose sm_80 and sm_90 builds are spill-free (tests/test_gemm_static.py checks every one, through
-# AOT_SPECS below): 128x128 tiles for large GEMMs, 64-row tiles for skinny LLM shapes (few tokens). note: 128x256 /
-# 256x128 tiles (what Hopper wants for peak) spill with this kernel in triton 3.8 and were left out; see the README.
+# Only configs whose sm_80 and sm_90 builds are spill-free (tests/test_gemm_static.py checks every one, through the
+# AOT specs in mixprec/tools/kernel_specs.py): 128x128 tiles for large GEMMs, 64-row tiles for skinny LLM shapes
+# (few tokens). note: 128x256 / 256x128 tiles (what Hopper wants for peak) spill with this kernel in triton 3.8 and
+# were left out; see the README.
 GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
     for bm, bn, bk, s, w in [
@@ -41,7 +42,7 @@ GPU_CONFIGS = [
 
 # note: accumulate mode (c += a @ b, fp32 c) holds an fp32 C tile beside the accumulator in its epilogue: with
 # 128-row tiles that spills on sm_80 (255 registers + 32 B of stack, for every 128x128 and 128x64 variant tried,
-# found when AOT_SPECS came to cover this mode), so it tunes over the 64-row tiles only. Whether a small spill
+# found when the AOT specs came to cover this mode), so it tunes over the 64-row tiles only. Whether a small spill
 # with 128x128 tiles would beat spill-free 64-row tiles has not been measured (no GPU here).
 ACCUMULATE_CONFIGS = [c for c in GPU_CONFIGS if c.kwargs["BLOCK_M"] == 64]
 
@@ -123,59 +124,6 @@ _KEY = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"]
 # the autotuner must restore c after each one (restore_value); the plain mode must not pay for that copy.
 _gemm = triton.autotune(configs=_configs(), key=_KEY)(_gemm_kernel)
 _gemm_accumulate = triton.autotune(configs=_configs(accumulate=True), key=_KEY, restore_value=["c_ptr"])(_gemm_kernel)
-
-
-# Ahead-of-time compile specs and cost model for `python -m mixprec inspect` (protocol: mixprec/inspect.py), also
-# what tests/test_gemm_static.py compiles and checks. One entry per (mode, dtype, autotune config of that mode);
-# ACCUMULATE is a constexpr, so accumulate mode is a separate specialization with its own registers and SASS.
-# Each mode is compiled for the layout the linear layer gives it, with what the JIT specializes at run time for
-# such tensors: strides equal to 1 become constants, 16-divisible sizes and strides carry the divisibility hint
-# ("aligned"). Batch strides are i64 (the launcher passes them as int64 products when a batch is large).
-#   forward y = x W^T (+ bias): a = x (K-contiguous), b = W^T (K-contiguous), c half (N-contiguous), bias of x's dtype
-#   weight gradient main_grad += dY^T X: a = dY^T (M-contiguous), b = X (N-contiguous), c fp32 (N-contiguous)
-def _aot_spec(dtype: str, accumulate: bool, cfg) -> dict:
-    half = f"*{dtype}"
-    if accumulate:
-        strides = {"stride_am": 1, "stride_ak": "i32", "stride_bk": "i32", "stride_bn": 1}
-    else:
-        strides = {"stride_am": "i32", "stride_ak": 1, "stride_bk": 1, "stride_bn": "i32"}
-    c = "*fp32" if accumulate else half
-    # without a bias the launcher passes c as bias_ptr (never read): its type is c's
-    signature = {"a_ptr": half, "b_ptr": half, "c_ptr": c, "bias_ptr": c if accumulate else half,
-                 "M": "i32", "N": "i32", "K": "i32", "stride_ab": "i64",
-                 **{name: "constexpr" if kind == 1 else kind for name, kind in strides.items()},
-                 "stride_cb": "i64", "stride_cm": "i32", "stride_cn": "constexpr",
-                 "HAS_BIAS": "constexpr", "ACCUMULATE": "constexpr", "UPCAST_DOT": "constexpr",
-                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
-    constexprs = {**{name: 1 for name, kind in strides.items() if kind == 1}, "stride_cn": 1,
-                  "HAS_BIAS": not accumulate, "ACCUMULATE": accumulate, "UPCAST_DOT": False, **cfg.kwargs}
-    aligned = ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_cm"]
-    aligned += [n for n, kind in strides.items() if kind != 1] + ([] if accumulate else ["bias_ptr"])
-    k = cfg.kwargs
-    mode = "accumulate (dW)" if accumulate else "forward+bias"
-    # "dtype" and "accumulate" are extra keys (inspect ignores them) that tests/test_gemm_static.py selects by
-    return {"kernel": _gemm_kernel, "dtype": dtype, "accumulate": accumulate,
-            "config": f"{dtype} {mode} {k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}",
-            "signature": signature, "constexprs": constexprs, "aligned": aligned,
-            "options": {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}}
-
-
-AOT_SPECS = [_aot_spec(dtype, accumulate, cfg) for accumulate in (False, True) for dtype in ("fp16", "bf16")
-             for cfg in (ACCUMULATE_CONFIGS if accumulate else GPU_CONFIGS)]
-
-# (name, M tokens, N out features, K in features): square and the GEMMs of a 4096-wide LLM layer (LLaMA-7B-like)
-LLM_SHAPES = [
-    ("square 4096^3", 4096, 4096, 4096),
-    ("QKV projection, 8192 tokens", 8192, 12288, 4096),
-    ("MLP down projection, 8192 tokens", 8192, 4096, 11008),
-    ("decode, 16 tokens", 16, 4096, 4096),
-]
-# fp16 operands and output: 2*M*N*K flops (an FMA counted as 2), each of A, B, C moved once (2 bytes/element):
-# the least traffic any kernel can get away with. The weight-gradient entry reads and writes an fp32 C instead.
-ROOFLINE = [{"op": "matmul", "problem": f"{name} (MxNxK {m}x{n}x{k}), fp16", "flops": 2 * m * n * k,
-             "bytes": (m * k + k * n + m * n) * 2} for name, m, n, k in LLM_SHAPES]
-ROOFLINE.append({"op": "matmul_accumulate_", "problem": "weight gradient 4096x4096 over 8192 tokens, fp16 into fp32",
-                 "flops": 2 * 4096 * 4096 * 8192, "bytes": (4096 * 8192 + 8192 * 4096) * 2 + 4096 * 4096 * 8})
 
 
 def _batched(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -29,23 +29,6 @@ def _unscale_kernel(g_ptr, n, inv_scale_ptr, found_inf_ptr, tensor_flag_ptr, par
         tl.store(tensor_flag_ptr, 1.0)
 
 
-# Ahead-of-time compile specs and cost model for `python -m mixprec inspect` (protocol: mixprec/inspect.py).
-# n compiles as i32 below 2^31 elements, what nearly every gradient is; offsets are int64 regardless.
-AOT_SPECS = [
-    {"kernel": _unscale_kernel, "config": f"{name}, BLOCK={BLOCK}",
-     "signature": {"g_ptr": f"*{name}", "n": "i32", "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-                   "tensor_flag_ptr": "*fp32", "partial_ptr": "*fp32", "BLOCK": "constexpr"},
-     "constexprs": {"BLOCK": BLOCK}, "options": {"num_warps": 4},
-     # per_tensor_inf[i:i + 1] (tensor_flag_ptr) is any element of a tensor: not 16-byte aligned
-     "aligned": ["g_ptr", "inv_scale_ptr", "found_inf_ptr", "partial_ptr"]}
-    for name in ("fp32", "fp16", "bf16")
-]
-_GPT2_SMALL = 124_439_808
-# fp16: read 2 B + write 2 B per element; flops: the multiply and the square-accumulate (an FMA counted as 2)
-ROOFLINE = [{"op": "unscale_and_check_", "problem": "GPT-2 small grads, fp16 (124.4M)", "bytes": 4 * _GPT2_SMALL,
-             "flops": 3 * _GPT2_SMALL}]
-
-
 def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, per_tensor_inf=None):
     """Launches one program grid per tensor; arguments are validated by mixprec.ops."""
     partials = []

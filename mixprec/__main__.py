@@ -1,5 +1,5 @@
 import sys
 
-from mixprec.cli import main
+from mixprec.tools.cli import main
 
 sys.exit(main())

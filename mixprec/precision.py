@@ -39,7 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec import _parts
+from mixprec.amp import GradScaler
+from mixprec.nn import Linear
+from mixprec.optim import FusedAdamW
 
 try:
     import torch.distributed.tensor as dist_tensor
@@ -103,15 +105,13 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 
 def check_dtensor_support(cls: type, params) -> None:
-    """Raises NotImplementedError when `params` hold DTensors and `cls` (an optimizer or GradScaler class)
-    runs mixprec's fused kernels on them without declaring `supports_dtensor = True`.
+    """Raises NotImplementedError when `params` hold DTensors and `cls` (an optimizer or GradScaler class) is
+    mixprec's, whose fused kernels cannot take them yet.
 
     Why: mixprec's kernels are custom ops (torch.ops.mixprec.*), and DTensor refuses any op without a
-    sharding rule ("does not have a sharding strategy registered"). Adam and unscale are elementwise, so a
-    class may support FSDP2 by running its kernels on each rank's local shard (DTensor.to_local()) and
-    all-reducing found_inf (MAX) and the grad norm (SUM); such a class sets supports_dtensor = True. Classes
-    from outside mixprec (torch.optim.AdamW, torch.amp.GradScaler) run torch ops, which DTensor handles."""
-    if not cls.__module__.startswith("mixprec.") or getattr(cls, "supports_dtensor", False):
+    sharding rule ("does not have a sharding strategy registered"). Classes from outside mixprec
+    (torch.optim.AdamW, torch.amp.GradScaler) run torch ops, which DTensor handles."""
+    if not cls.__module__.startswith("mixprec."):
         return
     if any(_is_dtensor(p) for p in params):
         raise NotImplementedError(
@@ -151,7 +151,7 @@ def convert(model: nn.Module, dtype: torch.dtype, *, keep_fp32=DEFAULT_KEEP_FP32
                          "sharding as prepare(..., shard=fn)")
 
     if swap_linear:
-        model = _swap_linears(model, _parts.linear_class())
+        model = _swap_linears(model, Linear)
 
     for module in model.modules():
         if isinstance(module, keep_fp32):
@@ -186,7 +186,7 @@ def prepare(model: nn.Module, optimizer_class: type[torch.optim.Optimizer] | Non
         are then checked with check_dtensor_support.
     """
     if optimizer_class is None:
-        optimizer_class = _parts.optimizer_class()
+        optimizer_class = FusedAdamW
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
         raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
     model = convert(model, dtype, keep_fp32=keep_fp32, swap_linear=swap_linear, output_dtype=output_dtype)
@@ -196,10 +196,9 @@ def prepare(model: nn.Module, optimizer_class: type[torch.optim.Optimizer] | Non
     devices = {p.device for p in params}
     if len(devices) != 1:
         raise ValueError(f"model must have its parameters on one device, got {sorted(map(str, devices))}")
-    scaler_class = _parts.grad_scaler_class()
-    for cls in (optimizer_class, scaler_class):
+    for cls in (optimizer_class, GradScaler):
         check_dtensor_support(cls, params)
     optimizer = optimizer_class(params, **(optimizer_kwargs or {}))
     kwargs = {"device": devices.pop().type, **default_scaler_kwargs(dtype), **(scaler_kwargs or {})}
-    scaler = scaler_class(**kwargs)
+    scaler = GradScaler(**kwargs)
     return model, optimizer, scaler

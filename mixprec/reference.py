@@ -85,9 +85,10 @@ def _bf16_stochastic(x: torch.Tensor, seed: int, stream: int, step: torch.Tensor
     return out.to(torch.int16).view(torch.bfloat16).reshape(x.shape)
 
 
-def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, beta1, beta2, eps,
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, *, max_exp_avg_sqs, master_params, lr, beta1, beta2, eps,
                weight_decay, decoupled, maximize=False, grad_scale=None, found_inf=None, clip_coef=None, sr_seed=-1):
-    """One Adam (decoupled=False, L2 decay) or AdamW (decoupled=True) update of every param, in place.
+    """One Adam (decoupled=False, L2 decay) or AdamW (decoupled=True) update of every param, in place (the
+    arguments of the mixprec::adam_step_ schema; max_exp_avg_sqs and master_params empty when unused).
 
     Per tensor i, with s = steps[i] + 1 (this update's number; steps[i] is then set to s):
       coefficients in float64, each rounded once to fp32: bc1 = 1 - beta1^s, bc2 = 1 - beta2^s,

@@ -1,13 +1,15 @@
-"""Random inputs with planted special values, and comparisons that say where and how much.
+"""What the test suite and `python -m mixprec selftest` share: random inputs with planted special values, the
+variant tables of the ops, tolerances, and comparisons that say where and how much.
 
-Shared by the test suite (tests/helpers.py re-exports it) and by `python -m mixprec selftest`, which runs the
-same checks on a user's machine, so both live in the installed package."""
+The selftest runs the same checks on a user's machine, so this lives in the installed package (tests/helpers.py
+re-exports it)."""
 from __future__ import annotations
 
 import torch
 
+from mixprec import reference
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ODD_SIZES = (1, 7, 127, 129, 1000)
 
 
 def special_values(dtype: torch.dtype) -> list[float]:
@@ -85,3 +87,76 @@ def assert_max_rel_err(actual: torch.Tensor, expected: torch.Tensor, tol: float,
                              f"flat index {i}: got {actual.reshape(-1)[i].item()!r}, expected "
                              f"{expected.reshape(-1)[i].item()!r}")
     return err
+
+
+# ---- Adam: variants, random states, the reference run, state comparison ----
+
+# (param dtype, master weights, stochastic rounding): the variants the kernels implement
+VARIANTS = {
+    "fp32": (torch.float32, False, False),
+    "fp16-master": (torch.float16, True, False),
+    "bf16-master": (torch.bfloat16, True, False),
+    "fp16": (torch.float16, False, False),
+    "bf16": (torch.bfloat16, False, False),
+    "bf16-sr": (torch.bfloat16, False, True),
+}
+
+
+def random_state(shapes, variant: str, *, amsgrad: bool, seed: int, specials: bool = False, step: float = 4.0,
+                 device="cpu") -> dict:
+    """The list arguments of adam_step_ for `variant`, as a dict: params near +-2, grads over several binades
+    (planted inf/NaN when `specials`), m and v as after a few steps, masters a little off their params (so
+    that the param must be written from the master)."""
+    dtype, master, _ = VARIANTS[variant]
+    gen = torch.Generator().manual_seed(seed)
+    st = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs", "master_params")}
+    for shape in shapes:
+        w = torch.randn(shape, generator=gen) * 2
+        st["params"].append(w.to(dtype))
+        st["grads"].append(random_grad(w.numel(), dtype, generator=gen, specials=specials, scale=8.0).reshape(shape))
+        st["exp_avgs"].append(torch.randn(shape, generator=gen) * 0.1)
+        st["exp_avg_sqs"].append(torch.rand(shape, generator=gen) * 0.01)
+        st["steps"].append(torch.tensor(step))
+        if amsgrad:
+            st["max_exp_avg_sqs"].append(st["exp_avg_sqs"][-1] * torch.rand(shape, generator=gen) * 2)
+        if master:
+            st["master_params"].append(w + torch.randn(shape, generator=gen) * 1e-3)
+    return {k: [t.to(device) for t in v] for k, v in st.items()}
+
+
+def hyper(variant: str, *, device="cpu", decoupled=True, maximize=False, weight_decay=0.01, found_inf=0.0, clip=0.7,
+          scale=1024.0) -> dict:
+    """The other keyword arguments of adam_step_ for a check (device scalars; sr_seed for the SR variant)."""
+    def scalar(x):
+        return None if x is None else torch.tensor([x], device=device)
+
+    return dict(lr=scalar(1e-3), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, decoupled=decoupled,
+                maximize=maximize, grad_scale=scalar(scale), found_inf=scalar(found_inf), clip_coef=scalar(clip),
+                sr_seed=1234 if VARIANTS[variant][2] else None)
+
+
+def run_reference(st: dict, kw: dict) -> None:
+    """mixprec.reference.adam_step_ on state `st` with adam_step_'s keyword arguments `kw`."""
+    sr = kw["sr_seed"]
+    reference.adam_step_(**st, **{**kw, "sr_seed": -1 if sr is None else sr})
+
+
+def assert_states_equal(actual: dict, expected: dict, what: str) -> None:
+    for key in actual:
+        for i, (a, e) in enumerate(zip(actual[key], expected[key])):
+            assert_bitwise_equal(a, e, f"{what}: {key}[{i}]")
+
+
+# ---- GEMM operands ----
+
+def gemm_operands(device, dtype, batch, m, n, k, ta, tb, seed):
+    """a [*batch, m, k] and b [k, n] of `dtype` from normal values, each stored transposed when ta / tb (a view
+    with unit stride along rows), and the generator for further inputs."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(rows, cols, transposed, lead=()):
+        if transposed:  # the same values stored transposed: a view with unit stride along rows
+            return torch.randn(*lead, cols, rows, generator=gen).to(dtype).to(device).transpose(-1, -2)
+        return torch.randn(*lead, rows, cols, generator=gen).to(dtype).to(device)
+
+    return make(m, k, ta, batch), make(k, n, tb), gen

@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=["avx2", "portable"])
 def cpu_simd(request, monkeypatch):
     """Runs a CPU-kernel test with the AVX2 kernels and again with the portable ones."""
-    from mixprec.info import cpu_flags
+    from mixprec.tools.info import cpu_flags
 
     if request.param == "avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
         pytest.skip("CPU lacks AVX2/FMA/F16C")

@@ -1,6 +1,5 @@
 """The test helpers live in the package (mixprec/testing.py) because `python -m mixprec selftest` uses them too."""
-from mixprec.testing import (DTYPES, ODD_SIZES, assert_bitwise_equal, assert_close, random_grad,  # noqa: F401
-                             special_values)
+from mixprec.testing import DTYPES, assert_bitwise_equal, assert_close, random_grad, special_values  # noqa: F401
 
 
 def use_backend(name: str, monkeypatch) -> str:
@@ -9,7 +8,7 @@ def use_backend(name: str, monkeypatch) -> str:
     if name.startswith("cpu"):
         import pytest
 
-        from mixprec.info import cpu_flags
+        from mixprec.tools.info import cpu_flags
 
         if name == "cpu-avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
             pytest.skip("CPU lacks AVX2/FMA/F16C")

@@ -8,7 +8,7 @@ import torch
 
 import mixprec
 from mixprec import reference
-from mixprec.ops.adam import VARIANTS, assert_states_equal, hyper, random_state, run_reference
+from mixprec.testing import VARIANTS, assert_states_equal, hyper, random_state, run_reference
 from tests.helpers import assert_bitwise_equal, use_backend
 
 BACKENDS = ["cpu-avx2", "cpu-portable", "triton"]
@@ -171,22 +171,25 @@ def test_extension_checks_too():
     """The C++ op refuses what the Python layer would, naming the argument (for callers of torch.ops)."""
     a = _args()
     with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] must have the shape and strides of params\[0\]"):
-        torch.ops.mixprec.adam_step_(a["params"], a["grads"], [torch.zeros(5)], a["exp_avg_sqs"], [],
-                                     a["master_params"], a["steps"], torch.tensor([1e-3]), 0.9, 0.999, 1e-8, 0.0,
-                                     True)
+        torch.ops.mixprec.adam_step_(a["params"], a["grads"], [torch.zeros(5)], a["exp_avg_sqs"], a["steps"],
+                                     max_exp_avg_sqs=[], master_params=a["master_params"], lr=torch.tensor([1e-3]),
+                                     beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True)
     with pytest.raises(RuntimeError, match=r"params\[0\] is float16: stochastic rounding"):
-        torch.ops.mixprec.adam_step_(a["params"], a["grads"], a["exp_avgs"], a["exp_avg_sqs"], [], [], a["steps"],
-                                     torch.tensor([1e-3]), 0.9, 0.999, 1e-8, 0.0, True, sr_seed=1)
+        torch.ops.mixprec.adam_step_(a["params"], a["grads"], a["exp_avgs"], a["exp_avg_sqs"], a["steps"],
+                                     max_exp_avg_sqs=[], master_params=[], lr=torch.tensor([1e-3]), beta1=0.9,
+                                     beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, sr_seed=1)
 
 
 @pytest.mark.parametrize("config", ["fp32", "fp16-master", "bf16-sr"])
 def test_opcheck(config):
     st = make_state([(33,), (4, 4)], config, amsgrad=True, seed=1)
     kw = hyper(config)
-    args = (st["params"], st["grads"], st["exp_avgs"], st["exp_avg_sqs"], st["max_exp_avg_sqs"],
-            st["master_params"], st["steps"], kw["lr"], 0.9, 0.999, 1e-8, 0.01, True, False, kw["grad_scale"],
-            kw["found_inf"], kw["clip_coef"], 1234 if CONFIGS[config][2] else -1)
-    torch.library.opcheck(torch.ops.mixprec.adam_step_.default, args)
+    args = (st["params"], st["grads"], st["exp_avgs"], st["exp_avg_sqs"], st["steps"])
+    kwargs = dict(max_exp_avg_sqs=st["max_exp_avg_sqs"], master_params=st["master_params"], lr=kw["lr"], beta1=0.9,
+                  beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True, maximize=False,
+                  grad_scale=kw["grad_scale"], found_inf=kw["found_inf"], clip_coef=kw["clip_coef"],
+                  sr_seed=1234 if CONFIGS[config][2] else -1)
+    torch.library.opcheck(torch.ops.mixprec.adam_step_.default, args, kwargs)
 
 
 @pytest.mark.cuda

@@ -12,7 +12,7 @@ import torch
 
 import mixprec
 from mixprec import checkpoint
-from mixprec.cli import load_train_example
+from mixprec.tools.cli import load_train_example
 
 from helpers import assert_bitwise_equal
 

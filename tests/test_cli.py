@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from mixprec import _ext, bench, selftest
+from mixprec import _ext
+from mixprec.tools import bench, selftest
 from mixprec.benchmarks.ceiling import cpu_stream_gbps, default_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -227,7 +228,7 @@ def test_inspect_counts_tensor_core_instructions():
 
 
 def test_inspect_occupancy_estimate():
-    from mixprec.inspect import occupancy
+    from mixprec.tools.inspector import occupancy
 
     assert occupancy(80, 512, 32, 0) == (1.0, "threads")
     assert occupancy(80, 512, 40, 64) == (0.75, "regs")  # 1280 regs/warp: 51 warps -> 3 blocks of 16

@@ -178,8 +178,8 @@ def test_fsdp2_matches_single_process_or_names_the_limitation(tmp_path):
         assert "model: its parameters are already DTensors" in res.get("convert_error", "")
     # the optimizer and scaler prepare() picks: trained through FSDP2 when both support DTensors, otherwise
     # refused by name (today mixprec.amp.GradScaler: its fused unscale is a custom op)
-    parts = (mixprec._parts.optimizer_class(), mixprec._parts.grad_scaler_class())
-    unsupported = [c for c in parts if c.__module__.startswith("mixprec.") and not getattr(c, "supports_dtensor", False)]
+    parts = (mixprec.optim.FusedAdamW, mixprec.amp.GradScaler)
+    unsupported = [c for c in parts if c.__module__.startswith("mixprec.")]
     if unsupported:
         for res in ranks:
             assert "prepare_error" in res, "prepare() accepted DTensor params for classes that do not support them"

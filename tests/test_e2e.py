@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import mixprec
-from mixprec import _parts, precision
-from mixprec.cli import load_train_example
+from mixprec import precision
+from mixprec.tools.cli import load_train_example
 
 from helpers import assert_bitwise_equal
 
@@ -89,7 +89,7 @@ def test_prepare_swaps_exactly_nn_linear_sharing_parameters(monkeypatch):
                                                                         linear.weight, linear.bias)
             return new
 
-    monkeypatch.setattr(_parts, "linear_class", lambda: FakeMixprecLinear)
+    monkeypatch.setattr(precision, "Linear", FakeMixprecLinear)
     net = _Net()
     before = {name: p for name, p in net.named_parameters()}
     model, _, _ = mixprec.prepare(net, dtype=torch.float16)

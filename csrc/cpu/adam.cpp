@@ -28,13 +28,13 @@ T* offset(T* base, int64_t elements, int element_size) {
 }
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                   at::TensorList max_exp_avg_sqs, at::TensorList master_params, at::TensorList steps,
+                   at::TensorList steps, at::TensorList max_exp_avg_sqs, at::TensorList master_params,
                    const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                    bool maximize, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
                    int64_t sr_seed) {
   const at::Device device(at::kCPU);
-  const AdamArgs args = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr,
+  const AdamArgs args = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs, master_params, lr,
                                         beta1, beta2, eps, grad_scale, found_inf, clip_coef, sr_seed, device);
   // A skipped step writes nothing at all, the step counts included.
   if (found_inf && found_inf->data_ptr<float>()[0] != 0.f) return;

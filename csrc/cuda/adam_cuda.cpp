@@ -16,14 +16,14 @@ namespace {
 const float* ptr_or_null(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    at::TensorList max_exp_avg_sqs, at::TensorList master_params, at::TensorList steps,
+                    at::TensorList steps, at::TensorList max_exp_avg_sqs, at::TensorList master_params,
                     const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                     bool maximize, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
                     int64_t sr_seed) {
   if (params.empty()) return;
   const at::Device device = params[0].device();
-  const AdamArgs args = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr,
+  const AdamArgs args = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs, master_params, lr,
                                         beta1, beta2, eps, grad_scale, found_inf, clip_coef, sr_seed, device);
   // One group per dtype, one launch each; the lists hold addresses (unused lists stay empty).
   struct Group {

@@ -3,7 +3,7 @@
 // note: round-to-nearest-even everywhere; NaN stays NaN (quiet), inf stays inf, fp16 subnormals are produced
 // and read exactly. Conversions are done on bits rather than with compiler intrinsics so that the CPU tests
 // exercise the very arithmetic the GPU runs; the CUDA kernels may use the hardware cvt instructions, which
-// give the same bits for every non-NaN input (tests/test_rounding.py and csrc/tests check these functions
+// give the same bits for every non-NaN input (csrc/tests/test_element_math.cpp checks these functions
 // against torch's own conversions over all 2^16 half values and a sweep of fp32 inputs).
 #pragma once
 #include <cstdint>

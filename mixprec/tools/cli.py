@@ -8,7 +8,7 @@ import sys
 
 
 def _cmd_info(args) -> int:
-    from mixprec.info import format_info, info
+    from mixprec.tools.info import format_info, info
 
     d = info()
     print(json.dumps(d, indent=2) if args.json else format_info(d))
@@ -25,19 +25,19 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from mixprec import bench
+    from mixprec.tools import bench
 
     return bench.main(args, args.argv[1:])
 
 
 def _cmd_inspect(args) -> int:
-    from mixprec import inspect
+    from mixprec.tools import inspector
 
-    return inspect.main(args)
+    return inspector.main(args)
 
 
 def _cmd_selftest(args) -> int:
-    from mixprec import selftest
+    from mixprec.tools import selftest
 
     return selftest.main(args)
 
@@ -49,14 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
 
-    from mixprec import bench, inspect, selftest  # light modules: torch and triton load inside their commands
+    from mixprec.tools import bench, inspector, selftest  # light modules: torch and triton load inside their commands
 
     p = sub.add_parser("bench", help="run the kernel microbenchmarks, print a table, write JSON/CSV/plots")
     bench.add_arguments(p)
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("inspect", help="GPU kernels without a GPU: registers, spills, smem, occupancy, "
                                        "tensor-core instructions, roofline prediction")
-    inspect.add_arguments(p)
+    inspector.add_arguments(p)
     p.set_defaults(func=_cmd_inspect)
     p = sub.add_parser("selftest", help="check every op and backend on this device against mixprec.reference, "
                                         "then print the benchmark table")

@@ -2,28 +2,18 @@
 
 Every Triton kernel is compiled ahead of time for sm_80 and sm_90 (triton.compile with a GPUTarget), every
 CUDA kernel is taken from the built extension's cubins, and each cubin is read with the cuobjdump that ships
-with triton (through mixprec._sass): registers per thread, spills (local memory in use), shared memory, an
+with triton (through mixprec.tools.sass): registers per thread, spills (local memory in use), shared memory, an
 occupancy estimate from those and the SM limits, and tensor-core instruction counts (HMMA on sm_80,
 HGMMA on sm_90). Then a roofline *prediction* for A100 and H100 SXM from the bytes and flops each op must
 move and the published peaks: no GPU has run anything.
 
-Protocol for kernel modules (kernels/*.py, so that this command hardcodes nobody's kernels):
-    AOT_SPECS = [{"kernel": <@triton.jit fn>, "config": "fp16",       # label of this configuration
-                  "signature": {"x_ptr": "*fp16", "n": "i64", "BLOCK": "constexpr", ...},
-                  "constexprs": {"BLOCK": 4096}, "options": {"num_warps": 4, "num_stages": 3},
-                  "aligned": ["x_ptr"]}, ...]   # args the launcher guarantees 16-byte aligned (default: all
-                                                # pointers), or ints 16-divisible, as the JIT specializes them
-                                                # at run time; other keys are the module's own
-    ROOFLINE = [{"op": "unscale_and_check_", "problem": "GPT-2 small fp16 grads (124.4M)",
-                 "bytes": 4 * 124_439_808, "flops": 3 * 124_439_808}, ...]
+The Triton kernels' compile specs and the roofline problems are in mixprec/tools/kernel_specs.py.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
-import pkgutil
 import re
 import shutil
 import subprocess
@@ -31,7 +21,8 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
-from mixprec._sass import KernelInfo, elf_facts, inspect_binary
+from mixprec.tools import kernel_specs
+from mixprec.tools.sass import KernelInfo, elf_facts, inspect_binary
 
 # Per-SM limits (CUDA C Programming Guide, "Technical Specifications per Compute Capability").
 SM_LIMITS = {
@@ -62,16 +53,42 @@ def read_binary(path: str, arch: int) -> list[tuple[KernelInfo, int | None, int]
     return out
 
 
+# The template parameters of each CUDA kernel (csrc/cuda/*.cu), in order: a dtype, or a flag named by what it
+# turns on. A kernel left out here is shown with its parameters as the compiler prints them.
+_TEMPLATE_PARAMS = {
+    "adam_kernel": ("dtype", "master weights", "amsgrad", "AdamW", "stochastic rounding"),
+    "unscale_kernel": ("dtype",),
+    "gemm_kernel": ("dtype", "A K-contiguous", "B K-contiguous", "16-byte vectors"),
+}
+_DTYPE_WORDS = {"(DType)0": "fp32", "(DType)1": "fp16", "(DType)2": "bf16", "__half": "fp16",
+                "__nv_bfloat16": "bf16", "float": "fp32"}
+
+
 def _short_name(demangled: str) -> str:
-    """'void mixprec::cuda::(anonymous namespace)::k<(mixprec::DType)1>(args)' -> 'k<(DType)1>'."""
+    """'void mixprec::cuda::(anonymous namespace)::adam_kernel<(mixprec::DType)1, true, ...>(args)' ->
+    'adam_kernel (fp16, master weights, ...)': the instance in words, each flag named when it is on."""
     name = re.sub(r"\(anonymous namespace\)::|mixprec::cuda::|mixprec::", "", demangled)
     name = re.sub(r"^void ", "", name)
     depth = 0
     for i, ch in enumerate(name):  # cut the parameter list: the first '(' outside template brackets
         depth += (ch == "<") - (ch == ">")
         if ch == "(" and depth == 0:
-            return name[:i]
-    return name
+            name = name[:i]
+            break
+    base, _, args = name.partition("<")
+    params = _TEMPLATE_PARAMS.get(base)
+    values = [v.strip() for v in args.rstrip(">").split(",")] if args else []
+    if params is None or len(values) != len(params):
+        return name
+    words = []
+    for param, value in zip(params, values):
+        if param == "dtype":
+            words.append(_DTYPE_WORDS.get(value, value))
+        elif value == "true":
+            words.append(param)
+        elif value != "false":
+            words.append(f"{param}={value}")
+    return f"{base} ({', '.join(words)})"
 
 
 def demangle(names: list[str]) -> list[str]:
@@ -124,12 +141,6 @@ class KernelReport:
     notes: str = ""
 
 
-def kernel_modules() -> list[str]:
-    import mixprec.kernels as package
-
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
-
-
 def _report(source, module, kernel, config, arch, res: KernelInfo, threads, smem, notes=""):
     """smem: static (without the system reservation) + dynamic shared memory of one block."""
     occ, limiter = occupancy(arch, threads, res.registers, smem) if threads else (None, "block size unknown")
@@ -138,7 +149,7 @@ def _report(source, module, kernel, config, arch, res: KernelInfo, threads, smem
 
 
 def compile_triton(spec: dict, arch: int, where: str = ""):
-    """triton.compile of one AOT_SPECS entry for sm_<arch>, as the JIT would specialize it (the "aligned"
+    """triton.compile of one AOT spec (mixprec/tools/kernel_specs.py) for sm_<arch>, as the JIT would specialize it (the "aligned"
     arguments carry the 16-divisibility hint); returns triton's compiled kernel (.asm["cubin"], .metadata)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -156,7 +167,7 @@ def compile_triton(spec: dict, arch: int, where: str = ""):
 
 
 def compile_spec(spec: dict, arch: int, where: str = "") -> KernelReport:
-    """Compiles one AOT_SPECS entry for sm_<arch> and reads its cubin."""
+    """Compiles one AOT spec for sm_<arch> and reads its cubin."""
     compiled = compile_triton(spec, arch, where)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
@@ -169,11 +180,10 @@ def compile_spec(spec: dict, arch: int, where: str = "") -> KernelReport:
 
 
 def triton_reports(archs=ARCHS) -> list[KernelReport]:
-    """Every kernels/*.py AOT_SPECS entry, compiled for each arch."""
+    """Every AOT spec of every Triton kernel module (mixprec/tools/kernel_specs.py), compiled for each arch."""
     reports = []
-    for module_name in kernel_modules():
-        module = importlib.import_module(f"mixprec.kernels.{module_name}")
-        for spec in getattr(module, "AOT_SPECS", []):
+    for module_name in kernel_specs.modules():
+        for spec in kernel_specs.aot_specs(module_name):
             reports += [compile_spec(spec, arch, f"kernels/{module_name}.py") for arch in archs]
     return reports
 
@@ -207,19 +217,17 @@ def cuda_reports(archs=ARCHS) -> tuple[list[KernelReport], str]:
 # ---------------------------------------------------------------- roofline
 
 def roofline() -> list[dict]:
-    """Predicted time on each GPU for every ROOFLINE entry of kernels/*.py: max(bytes / bandwidth, flops / peak)."""
+    """Predicted time on each GPU for every kernel_specs.ROOFLINE problem: max(bytes / bandwidth, flops / peak)."""
     out = []
-    for module_name in kernel_modules():
-        module = importlib.import_module(f"mixprec.kernels.{module_name}")
-        for w in getattr(module, "ROOFLINE", []):
-            for gpu, spec in GPUS.items():
-                t_mem = w["bytes"] / (spec["tbps"] * 1e12)
-                t_math = w["flops"] / (spec["tflops"] * 1e12)
-                t = max(t_mem, t_math)
-                out.append({"op": w["op"], "problem": w["problem"], "gpu": gpu, "bytes": w["bytes"],
-                            "flops": w["flops"], "intensity_flop_per_byte": w["flops"] / w["bytes"],
-                            "bound": "memory" if t_mem >= t_math else "compute", "predicted_ms": t * 1e3,
-                            "predicted_tflops": w["flops"] / t / 1e12, "predicted_gbps": w["bytes"] / t / 1e9})
+    for w in kernel_specs.ROOFLINE:
+        for gpu, spec in GPUS.items():
+            t_mem = w["bytes"] / (spec["tbps"] * 1e12)
+            t_math = w["flops"] / (spec["tflops"] * 1e12)
+            t = max(t_mem, t_math)
+            out.append({"op": w["op"], "problem": w["problem"], "gpu": gpu, "bytes": w["bytes"],
+                        "flops": w["flops"], "intensity_flop_per_byte": w["flops"] / w["bytes"],
+                        "bound": "memory" if t_mem >= t_math else "compute", "predicted_ms": t * 1e3,
+                        "predicted_tflops": w["flops"] / t / 1e12, "predicted_gbps": w["bytes"] / t / 1e9})
     return out
 
 

@@ -1,6 +1,6 @@
 """`python -m mixprec bench`: runs every benchmarks/bench_*.py (installed as mixprec.benchmarks) and reports.
 
-Each script runs in its own process (`python -m mixprec.bench --worker ...`): a script that raises, crashes
+Each script runs in its own process (`python -m mixprec.tools.bench --worker ...`): a script that raises, crashes
 or hangs is reported and makes the exit code non-zero, and the others still run; each also starts with a
 clean heap, so one script's buffers do not squeeze the next one's. Rows follow CONTRIBUTING.md's format and
 are checked here. Output: one table on stdout (or the JSON with --json) and, in --output DIR, results.json,
@@ -150,7 +150,7 @@ def run_script(script: str, device: str, *, quick: bool, reduced: bool, timeout_
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         out, log = os.path.join(tmp, "rows.json"), os.path.join(tmp, "log.txt")
-        cmd = [sys.executable, "-m", "mixprec.bench", "--worker", script, device, "1" if quick else "0", out]
+        cmd = [sys.executable, "-m", "mixprec.tools.bench", "--worker", script, device, "1" if quick else "0", out]
         with open(log, "w") as logf:
             try:
                 rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, timeout=timeout_s).returncode
@@ -174,7 +174,7 @@ def available_devices() -> list[str]:
 
 
 def machine() -> dict:
-    from mixprec.info import info
+    from mixprec.tools.info import info
 
     d = info()
     return {"cpu": d["cpu"], "cpu_threads": d["cpu_cores"], "logical_cpus": os.cpu_count(), "torch": d["torch"],

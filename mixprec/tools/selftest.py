@@ -4,15 +4,14 @@ One line per (op, backend, dtype, shape) with the error found; exit code 0 only 
 Then the quick benchmark table for the device (--no-bench skips it). On the CPU it checks the CPU extension
 (AVX2 and portable kernels) and the Triton kernels under the interpreter.
 
-Adding an op: give its module in mixprec/ops/ a function `selftest_cases(device) -> list[Case]`; this command
-finds it. A Case's `check()` runs on fresh random inputs (special values included), raises AssertionError
-naming what differs, and otherwise returns a short account of the error it measured.
+The checks themselves are in mixprec/tools/selftest_cases.py (one entry per mixprec.ops module); a Case's
+`check()` runs on fresh random inputs (special values included), raises AssertionError naming what differs, and
+otherwise returns a short account of the error it measured.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import os
 import pkgutil
 import sys
@@ -43,7 +42,7 @@ class Backend:
 def backends(device: str) -> list[Backend]:
     """The backends an op can be checked with on `device` here (every op uses this one list)."""
     from mixprec import _backend, _ext
-    from mixprec.info import cpu_flags
+    from mixprec.tools.info import cpu_flags
 
     out = []
     if device == "cpu":
@@ -62,17 +61,17 @@ def backends(device: str) -> list[Backend]:
 
 
 def collect_cases(device: str) -> tuple[list[Case], list[str]]:
-    """The cases of every mixprec.ops module, and the op modules that define none (reported, so that a missing
+    """The cases of every mixprec.ops module, and the op modules that have none (reported, so that a missing
     check is visible rather than silently passing)."""
     import mixprec.ops as ops
+    from mixprec.tools.selftest_cases import CASES
 
     cases, unchecked = [], []
     for m in sorted(pkgutil.iter_modules(ops.__path__), key=lambda m: m.name):
         if m.name.startswith("_"):
             continue
-        module = importlib.import_module(f"mixprec.ops.{m.name}")
-        if hasattr(module, "selftest_cases"):
-            cases += module.selftest_cases(device)
+        if m.name in CASES:
+            cases += CASES[m.name](device)
         else:
             unchecked.append(m.name)
     return cases, unchecked
@@ -134,7 +133,7 @@ def main(args) -> int:
     cases, unchecked = collect_cases(device)
     if unchecked:
         names = ", ".join(f"mixprec.ops.{u}" for u in unchecked)
-        print(f"note: not checked here, no selftest_cases() in: {names}", flush=True)
+        print(f"note: not checked here, no cases in mixprec/tools/selftest_cases.py for: {names}", flush=True)
     if not cases:
         print(f"error: no checks available on {device} (see `python -m mixprec info`)", file=sys.stderr)
         return 1
@@ -143,7 +142,7 @@ def main(args) -> int:
     print(f"{len(cases) - failed} passed, {failed} failed", flush=True)
     bench_rc = 0
     if not args.no_bench:
-        from mixprec import bench
+        from mixprec.tools import bench
 
         parser = argparse.ArgumentParser()
         bench.add_arguments(parser)
