@@ -10,7 +10,7 @@ arguments) that also
   DeepSpeed's and Megatron's scalers do, still on the device and without a host sync;
 - keeps overflow diagnostics on the device (the last `history` (scale, overflow) pairs, the number of skipped
   steps, opt-in per-tensor overflow counts) and reads them only when asked (history(), skipped_steps(),
-  overflow_report()), warning once when the scale is stuck at min_scale;
+  overflow_report()), warning once when the scale is stuck at min_scale (mixprec.amp.diagnostics);
 - all-reduces found_inf (MAX) when torch.distributed is initialized, so all ranks skip the same steps.
 """
 from __future__ import annotations
@@ -18,100 +18,24 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-import weakref
 from collections import abc, defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.amp.grad_scaler import OptState
 
+from mixprec import _grad_norm
+from mixprec.amp.diagnostics import OverflowMonitor, OverflowReport
 from mixprec.ops import unscale_and_check_
 from mixprec.ops._validate import FLOAT_DTYPES, check_dense
 
-__all__ = ["GradScaler", "OverflowReport", "OverflowCulprit"]
-
 # Keys of torch.amp.GradScaler.state_dict(); mixprec adds its own keys beside them (torch ignores unknown keys).
 _TORCH_STATE_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
-_GRAD_NORM_ATTR = "_mixprec_grad_norm_sq"
 
 
 def _fresh_optimizer_state() -> dict[str, Any]:
     # The keys torch uses ("stage", "found_inf_per_device") are kept: some training libraries read them.
     return {"stage": OptState.READY, "found_inf_per_device": {}, "norm_sq": None, "grads": None, "optimizer": None}
-
-
-@dataclass
-class OverflowCulprit:
-    """A gradient that held inf or NaN."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    steps: int | None  # overflowing steps counted since tracking began (None: per-tensor tracking is off)
-    in_last_step: bool  # it held inf/NaN in the last checked step
-
-
-@dataclass
-class OverflowReport:
-    """What scaler.overflow_report() materializes: why the scale is where it is."""
-
-    scale: float
-    min_scale: float | None
-    steps: int  # update() calls recorded
-    skipped_steps: int
-    history: list[tuple[float, bool]]  # the last (scale, overflowed) pairs, oldest first
-    culprits: list[OverflowCulprit] = field(default_factory=list)
-    tracked: bool = False  # culprits come from per-tensor counts (track_overflow=True), not from the current grads
-
-    def __str__(self) -> str:
-        bound = "" if self.min_scale is None else f" (min_scale {self.min_scale:g})"
-        lines = [f"mixprec GradScaler: scale {self.scale:g}{bound}; {self.skipped_steps} of {self.steps} steps "
-                 f"skipped for inf/NaN gradients"]
-        if self.history:
-            recent = ", ".join(f"{s:g}{'!' if o else ''}" for s, o in self.history[-16:])
-            lines.append(f"  last scales (! = overflow): {recent}")
-        if self.culprits:
-            how = ("overflowing steps per tensor" if self.tracked
-                   else "tensors whose current .grad holds inf/NaN")
-            lines.append(f"  {how}:")
-            for c in self.culprits:
-                count = "" if c.steps is None else f"{c.steps} steps, "
-                last = "in the last step" if c.in_last_step else "not in the last step"
-                lines.append(f"    {c.name} {tuple(c.shape)} {str(c.dtype).replace('torch.', '')}: {count}{last}")
-        elif self.tracked:
-            lines.append("  no gradient has held inf/NaN since tracking began")
-        else:
-            lines.append("  no current gradient holds inf/NaN (pass track_overflow=True to count them per tensor "
-                         "as they happen)")
-        return "\n".join(lines)
-
-
-class _OptimizerRecord:
-    """What the scaler remembers about one optimizer across iterations, for overflow reports."""
-
-    def __init__(self, params: list[torch.Tensor], labels: list[str]):
-        self.params = params
-        self.labels = labels
-        self.counts: torch.Tensor | None = None  # per param: overflowing steps (track_overflow only)
-        self.last: torch.Tensor | None = None  # per param: 1.0 where the last checked step held inf/NaN
-        self._index: tuple[tuple[int, ...], torch.Tensor] | None = None
-
-    def add_flags(self, present: list[int], flags: torch.Tensor) -> None:
-        """Fold the fused op's per-tensor flags (one per present grad) into the per-param counts."""
-        n = len(self.params)
-        if self.counts is None:
-            self.counts = torch.zeros(n, dtype=torch.float32, device=flags.device)
-            self.last = torch.zeros(n, dtype=torch.float32, device=flags.device)
-        if len(present) == n:
-            self.last.copy_(flags)
-        else:
-            # The index tensor is cached: building it is a host-to-device copy, which on CUDA waits for the host.
-            key = tuple(present)
-            if self._index is None or self._index[0] != key:
-                self._index = (key, torch.tensor(key, dtype=torch.long, device=flags.device))
-            self.last.zero_().index_copy_(0, self._index[1], flags)
-        self.counts.add_(self.last)
 
 
 class GradScaler:
@@ -155,11 +79,10 @@ class GradScaler:
     (DeepSpeed's scale_window counts one more). With hysteresis=1 and no bounds the update is
     torch._amp_update_scale_ itself, so the scale trajectory equals torch.amp.GradScaler's.
 
-    Gradient norm for optimizers: after unscale_(optimizer) (or step(optimizer) on an optimizer that
-    unscales in its own kernel) the scaler sets ``optimizer._mixprec_grad_norm_sq``: a one-element (0-dim)
-    float32 tensor on the gradients' device holding the sum of squares of the UNSCALED gradients, from the
-    same pass (inf/NaN when the step overflowed; scaled down by clip_grad_norm_ when that clips). It is
-    removed by update(). mixprec.optim reads it for max_grad_norm, so that clipping costs no extra pass.
+    Gradient norm for optimizers: unscale_(optimizer) (or step(optimizer) on an optimizer that unscales in
+    its own kernel) hands the sum of squares of the unscaled gradients to the optimizer as
+    ``optimizer._mixprec_grad_norm_sq``, which mixprec.optim reads for max_grad_norm, so that clipping costs
+    no extra pass; mixprec._grad_norm documents that protocol.
 
     Host syncs: scale, unscale_, grad_norm, clip_grad_norm_, update, and step for optimizers with
     ``_step_supports_amp_scaling`` (torch's fused Adam/SGD, mixprec.optim) never read a device value on the
@@ -187,7 +110,8 @@ class GradScaler:
                                       ("max_scale", max_scale, True)):
             if value is None and optional:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not (math.isfinite(value) and value > 0)):
                 raise ValueError(f"{name} must be a finite number > 0{' or None' if optional else ''}, got {value!r}")
         lo = 0.0 if min_scale is None else min_scale
         hi = math.inf if max_scale is None else max_scale
@@ -201,30 +125,20 @@ class GradScaler:
         self._consecutive_hysteresis = bool(consecutive_hysteresis)
         self._min_scale = None if min_scale is None else float(min_scale)
         self._max_scale = None if max_scale is None else float(max_scale)
-        self._history_size = int(history)
-        self._track_overflow = bool(track_overflow)
-        self._min_scale_patience = int(min_scale_patience)
         self._process_group = process_group
+        self._diagnostics = OverflowMonitor(int(history), bool(track_overflow), int(min_scale_patience))
 
         # Host values the device tensors start from, at the first scale() (torch creates them lazily too, on
         # the device of the first output); load_state_dict() and unpickling set them.
         self._init_scale = float(init_scale)
         self._init_growth_tracker = 0
-        self._init_counters = {"hysteresis_left": self._hysteresis, "skipped": 0, "min_hits": 0}
-        self._init_history: torch.Tensor | None = None
-        self._num_updates = 0  # update() calls that recorded a step: the host-side index into the ring buffer
+        self._init_hysteresis_left = self._hysteresis
 
         self._scale: torch.Tensor | None = None  # fp32, 0-dim (the names of torch's scaler, read by some libraries)
         self._growth_tracker: torch.Tensor | None = None  # int32: consecutive clean steps
         self._hysteresis_left: torch.Tensor | None = None  # int32: overflows still tolerated before backing off
-        self._skipped: torch.Tensor | None = None  # int64: steps skipped for inf/NaN
-        self._min_hits: torch.Tensor | None = None  # int32: overflowing steps taken at min_scale
-        self._history_buf: torch.Tensor | None = None  # fp32 (history, 2): (scale, overflowed) ring buffer
 
         self._per_optimizer_states: dict[int, dict[str, Any]] = defaultdict(_fresh_optimizer_state)
-        self._records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._warned_min_scale = False
-        self._min_hits_pending: tuple[torch.Tensor, Any] | None = None
 
     # ----------------------------------------------------------------------------------------- device state
     def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
@@ -233,12 +147,8 @@ class GradScaler:
 
         self._scale = full(self._init_scale, torch.float32)
         self._growth_tracker = full(self._init_growth_tracker, torch.int32)
-        self._hysteresis_left = full(self._init_counters["hysteresis_left"], torch.int32)
-        self._skipped = full(self._init_counters["skipped"], torch.int64)
-        self._min_hits = full(self._init_counters["min_hits"], torch.int32)
-        self._history_buf = torch.zeros(self._history_size, 2, dtype=torch.float32, device=dev)
-        if self._init_history is not None:
-            self._history_buf.copy_(self._init_history)
+        self._hysteresis_left = full(self._init_hysteresis_left, torch.int32)
+        self._diagnostics.materialize(dev)
 
     def _check_scale_growth_tracker(self, funcname: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self._scale is None:
@@ -247,14 +157,13 @@ class GradScaler:
         return self._scale, self._growth_tracker
 
     def _host_state(self) -> dict[str, float]:
-        """The device counters as Python numbers, read in one transfer."""
+        """The scale and its counters as Python numbers, read in one transfer."""
         if self._scale is None:
-            return {"scale": self._init_scale, "growth_tracker": self._init_growth_tracker, **self._init_counters}
-        values = torch.stack([t.double() for t in (self._scale, self._growth_tracker, self._hysteresis_left,
-                                                   self._skipped, self._min_hits)]).tolist()
-        scale, tracker, left, skipped, hits = values
-        return {"scale": scale, "growth_tracker": int(tracker), "hysteresis_left": int(left),
-                "skipped": int(skipped), "min_hits": int(hits)}
+            return {"scale": self._init_scale, "growth_tracker": self._init_growth_tracker,
+                    "hysteresis_left": self._init_hysteresis_left}
+        values = torch.stack([t.double() for t in (self._scale, self._growth_tracker, self._hysteresis_left)])
+        scale, tracker, left = values.tolist()
+        return {"scale": scale, "growth_tracker": int(tracker), "hysteresis_left": int(left)}
 
     # ------------------------------------------------------------------------------------------------ scale
     def scale(self, outputs):
@@ -326,16 +235,6 @@ class GradScaler:
                 grads.append(g)
         return params, present, grads, device
 
-    def _record_for(self, optimizer, params: list[torch.Tensor]) -> _OptimizerRecord:
-        record = self._records.get(optimizer)
-        if record is None or len(record.params) != len(params) or any(
-                a is not b for a, b in zip(record.params, params)):
-            labels = [f"param_groups[{gi}]['params'][{pi}]"
-                      for gi, group in enumerate(optimizer.param_groups) for pi in range(len(group["params"]))]
-            record = _OptimizerRecord(params, labels)
-            self._records[optimizer] = record
-        return record
-
     def _unscale_and_check(self, optimizer, multiplier: torch.Tensor | None) -> dict[torch.device, torch.Tensor]:
         """One fused pass over the optimizer's grads: multiply by `multiplier` (None: leave the grads scaled,
         for optimizers that unscale in their own kernel), flag inf/NaN, sum the squares; then agree on
@@ -350,8 +249,7 @@ class GradScaler:
         norm_sq = torch.zeros((), dtype=torch.float32, device=device)
         factor = torch.ones((), dtype=torch.float32, device=device) if multiplier is None else (
             multiplier.to(device, non_blocking=True))
-        record = self._record_for(optimizer, params)
-        flags = torch.zeros(len(grads), dtype=torch.float32, device=device) if self._track_overflow else None
+        flags = self._diagnostics.per_tensor_flags(optimizer, params, len(grads), device)
         with torch.no_grad():
             unscale_and_check_(grads, factor, found_inf, norm_sq, per_tensor_inf=flags)
             if multiplier is None:
@@ -359,12 +257,11 @@ class GradScaler:
                 inv = self._scale.double().reciprocal().to(device, non_blocking=True)
                 norm_sq.copy_(norm_sq.double() * inv * inv)
         self._all_reduce_found_inf(found_inf)
-        if flags is not None and grads:
-            record.add_flags(present, flags)
+        self._diagnostics.fold_flags(optimizer, present, flags)
 
         state = self._per_optimizer_states[id(optimizer)]
         state.update(found_inf_per_device={device: found_inf}, norm_sq=norm_sq, grads=grads, optimizer=optimizer)
-        setattr(optimizer, _GRAD_NORM_ATTR, norm_sq)
+        _grad_norm.publish(optimizer, norm_sq)
         return state["found_inf_per_device"]
 
     def _all_reduce_found_inf(self, found_inf: torch.Tensor) -> None:
@@ -465,13 +362,9 @@ class GradScaler:
     # ------------------------------------------------------------------------------------- norm, clipping
     def _grads_and_norm_sq(self, optimizer, caller: str) -> tuple[list[torch.Tensor], torch.Tensor]:
         if not self._enabled:
-            # Nothing was unscaled: measure the grads as they are (one pass; multiplying by 1 leaves them intact).
+            # Nothing was unscaled: measure the grads as they are.
             _, _, grads, device = self._collect_grads(optimizer)
-            device = device if device is not None else torch.device("cpu")
-            norm_sq = torch.zeros((), dtype=torch.float32, device=device)
-            with torch.no_grad():
-                unscale_and_check_(grads, torch.ones((), device=device), torch.zeros((), device=device), norm_sq)
-            return grads, norm_sq
+            return grads, _grad_norm.sum_of_squares(grads, device if device is not None else torch.device("cpu"))
         state = self._per_optimizer_states.get(id(optimizer))
         if state is None or state["norm_sq"] is None:
             raise RuntimeError(f"GradScaler.{caller}(optimizer) needs this iteration's unscaled gradients: call "
@@ -487,8 +380,9 @@ class GradScaler:
 
     def clip_grad_norm_(self, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
         """torch.nn.utils.clip_grad_norm_(params, max_norm) for the optimizer's grads, after unscale_, without
-        measuring them again: grads *= min(max_norm / (norm + 1e-6), 1), one foreach multiply per dtype with
-        the coefficient on the device. Returns the total norm before clipping (0-dim fp32, no sync)."""
+        measuring them again: the grads are multiplied by torch's clip coefficient (mixprec._grad_norm.clip_coef),
+        one foreach multiply per dtype with the coefficient on the device. Returns the total norm before
+        clipping (0-dim fp32, no sync)."""
         if self._enabled:
             state = self._per_optimizer_states.get(id(optimizer))
             if state is None or state["stage"] is not OptState.UNSCALED:
@@ -496,14 +390,14 @@ class GradScaler:
                                    "scaler.unscale_(optimizer) before it, and before step()")
         grads, norm_sq = self._grads_and_norm_sq(optimizer, "clip_grad_norm_")
         total = norm_sq.sqrt()
-        coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
+        coef = _grad_norm.clip_coef(total, float(max_norm))
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
         for g in grads:
             by_dtype[g.dtype].append(g)
         with torch.no_grad():
             for same_dtype in by_dtype.values():
                 torch._foreach_mul_(same_dtype, coef)
-            norm_sq.mul_(coef * coef)  # what optimizers read from _mixprec_grad_norm_sq: the clipped grads' norm
+            norm_sq.mul_(coef * coef)  # it is also the published sum: optimizers must see the clipped grads' norm
         return total
 
     # --------------------------------------------------------------------------------------------- update
@@ -538,23 +432,17 @@ class GradScaler:
                                    "each optimizer before scaler.update()")
             found_inf = found_infs[0] if len(found_infs) == 1 else torch.stack(found_infs).sum()
             self._update_scale(found_inf)
-            self._watch_min_scale()
+            self._diagnostics.watch_min_scale(self._min_scale, self.overflow_report)
         for state in self._per_optimizer_states.values():
-            optimizer = state["optimizer"]
-            if optimizer is not None and getattr(optimizer, _GRAD_NORM_ATTR, None) is state["norm_sq"]:
-                delattr(optimizer, _GRAD_NORM_ATTR)
+            if state["optimizer"] is not None:
+                _grad_norm.withdraw(state["optimizer"], state["norm_sq"])
         self._per_optimizer_states = defaultdict(_fresh_optimizer_state)
 
     def _update_scale(self, found_inf: torch.Tensor) -> None:
         scale, tracker = self._scale, self._growth_tracker
         overflow = found_inf > 0
         # Record first: the history pairs each step's overflow with the scale that step used.
-        row = self._num_updates % self._history_size
-        self._history_buf[row].copy_(torch.stack((scale, overflow.to(torch.float32))))
-        self._skipped.add_(overflow)
-        self._num_updates += 1
-        if self._min_scale is not None:
-            self._min_hits.add_(overflow & (scale <= self._min_scale))
+        self._diagnostics.record_step(scale, overflow, self._min_scale)
 
         if self._hysteresis == 1 and self._min_scale is None and self._max_scale is None:
             # torch's own kernel: the trajectory is torch.amp.GradScaler's by construction.
@@ -581,60 +469,16 @@ class GradScaler:
         tracker.copy_(torch.where(clean & ~grow, streak, 0))
         self._hysteresis_left.copy_(left)
 
-    def _watch_min_scale(self) -> None:
-        """Warn once when the scale is stuck at min_scale, without making any step wait for the device.
-
-        On the CPU the counter is read directly. On CUDA each update() copies it to pinned host memory without
-        blocking and reads the copy made by an earlier update() once its event shows it has arrived, so the
-        warning comes a step or so late. Other devices are checked by history(), skipped_steps() and
-        overflow_report().
-        """
-        if self._min_scale is None or self._warned_min_scale:
-            return
-        device = self._min_hits.device
-        if device.type == "cpu":
-            self._maybe_warn_min_scale(int(self._min_hits), stacklevel=4)
-        elif device.type == "cuda":
-            pending = self._min_hits_pending
-            if pending is not None and pending[1].query():
-                self._min_hits_pending = None
-                self._maybe_warn_min_scale(int(pending[0]), stacklevel=4)
-            if self._min_hits_pending is None and not self._warned_min_scale:
-                host = torch.empty((), dtype=torch.int32, pin_memory=True)
-                host.copy_(self._min_hits, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                self._min_hits_pending = (host, event)
-
-    def _maybe_warn_min_scale(self, hits: int, stacklevel: int = 3) -> None:
-        # stacklevel: the warning points at the user's call (update(), skipped_steps()).
-        if self._warned_min_scale or self._min_scale is None or hits < self._min_scale_patience:
-            return
-        self._warned_min_scale = True
-        warnings.warn(f"mixprec GradScaler: {hits} overflowing steps were taken at min_scale={self._min_scale:g}, "
-                      "where the scale cannot back off any further; these steps are skipped. Pass "
-                      "model.named_parameters() to scaler.overflow_report() to name the tensors.\n"
-                      f"{self.overflow_report()}", RuntimeWarning, stacklevel=stacklevel)
-
     # ---------------------------------------------------------------------------------------- diagnostics
     def history(self) -> list[tuple[float, bool]]:
         """The last `history` (scale, overflowed) pairs recorded by update(), oldest first. Syncs."""
-        # Before the first scale() the buffer is still the host copy that load_state_dict or unpickling left.
-        buf = self._history_buf if self._history_buf is not None else self._init_history
-        if not self._enabled or buf is None:
-            return []
-        n = min(self._num_updates, self._history_size)
-        start = self._num_updates - n
-        rows = buf[[(start + i) % self._history_size for i in range(n)]].tolist()
-        return [(scale, flag > 0) for scale, flag in rows]
+        return self._diagnostics.history() if self._enabled else []
 
     def skipped_steps(self) -> int:
         """Steps whose update() saw an overflow, since the scaler (or its state_dict) began. Syncs."""
         if not self._enabled:
             return 0
-        hits_and_skips = self._host_state()
-        self._maybe_warn_min_scale(hits_and_skips["min_hits"])
-        return hits_and_skips["skipped"]
+        return self._diagnostics.skipped_steps(self._min_scale, self.overflow_report)
 
     def overflow_report(self, named_params=None) -> OverflowReport:
         """Why the scale is where it is: counters, recent history, and the gradients that held inf/NaN.
@@ -644,30 +488,7 @@ class GradScaler:
         over all checked steps; otherwise they are the gradients that hold inf/NaN now (call it before
         zero_grad). Syncs; print() it for a readable summary.
         """
-        host = self._host_state() if self._enabled else {"scale": 1.0, "skipped": 0}
-        names = {id(p): n for n, p in named_params} if named_params is not None else {}
-        report = OverflowReport(scale=host["scale"], min_scale=self._min_scale, steps=self._num_updates,
-                                skipped_steps=host["skipped"], history=self.history(), tracked=self._track_overflow)
-        for k, (optimizer, record) in enumerate(list(self._records.items())):
-            prefix = "" if len(self._records) == 1 else f"optimizer {k}: "
-            if self._track_overflow:
-                if record.counts is None:
-                    continue
-                counts, last = torch.stack((record.counts, record.last)).tolist()
-            else:
-                counts = None
-                last = [0.0] * len(record.params)
-                with_grad = [i for i, p in enumerate(record.params) if p.grad is not None]
-                if with_grad:
-                    bad = torch.stack([~torch.isfinite(_dense(record.params[i].grad)).all() for i in with_grad])
-                    for i, b in zip(with_grad, bad.tolist()):
-                        last[i] = float(b)
-            for i, p in enumerate(record.params):
-                if (counts[i] if counts is not None else last[i]) > 0:
-                    report.culprits.append(OverflowCulprit(
-                        name=names.get(id(p), prefix + record.labels[i]), shape=tuple(p.shape), dtype=p.dtype,
-                        steps=None if counts is None else int(counts[i]), in_last_step=last[i] > 0))
-        return report
+        return self._diagnostics.report(self.get_scale(), self._min_scale, named_params)
 
     # -------------------------------------------------------------------------------- accessors, state
     def get_scale(self) -> float:
@@ -707,7 +528,7 @@ class GradScaler:
 
     def state_dict(self) -> dict[str, Any]:
         """torch.amp.GradScaler's five entries (so torch's scaler can load it), plus mixprec's own settings and
-        counters under keys torch ignores. Empty when disabled. Syncs once."""
+        counters under keys torch ignores. Empty when disabled. Syncs."""
         if not self._enabled:
             return {}
         host = self._host_state()
@@ -716,8 +537,7 @@ class GradScaler:
                 "_growth_tracker": host["growth_tracker"],
                 "hysteresis": self._hysteresis, "consecutive_hysteresis": self._consecutive_hysteresis,
                 "min_scale": self._min_scale, "max_scale": self._max_scale,
-                "_hysteresis_left": host["hysteresis_left"], "_skipped_steps": host["skipped"],
-                "_min_scale_hits": host["min_hits"], "_num_updates": self._num_updates, "_history": self.history()}
+                "_hysteresis_left": host["hysteresis_left"], **self._diagnostics.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict of this class or of torch.amp.GradScaler. From torch's, the settings only mixprec
@@ -738,34 +558,14 @@ class GradScaler:
         self._consecutive_hysteresis = bool(state_dict.get("consecutive_hysteresis", self._consecutive_hysteresis))
         self._min_scale = state_dict.get("min_scale", self._min_scale)
         self._max_scale = state_dict.get("max_scale", self._max_scale)
-        if "_history" in state_dict:
-            self._load_history(state_dict["_history"], int(state_dict.get("_num_updates", len(state_dict["_history"]))))
-        host = self._host_state()
+        self._diagnostics.load_state_dict(state_dict)
         self._init_scale = float(state_dict["scale"])
         self._init_growth_tracker = int(state_dict["_growth_tracker"])
-        self._init_counters = {"hysteresis_left": int(state_dict.get("_hysteresis_left", self._hysteresis)),
-                               "skipped": int(state_dict.get("_skipped_steps", host["skipped"])),
-                               "min_hits": int(state_dict.get("_min_scale_hits", host["min_hits"]))}
+        self._init_hysteresis_left = int(state_dict.get("_hysteresis_left", self._hysteresis))
         if self._scale is not None:
             self._scale.fill_(self._init_scale)
             self._growth_tracker.fill_(self._init_growth_tracker)
-            self._hysteresis_left.fill_(self._init_counters["hysteresis_left"])
-            self._skipped.fill_(self._init_counters["skipped"])
-            self._min_hits.fill_(self._init_counters["min_hits"])
-
-    def _load_history(self, pairs, num_updates: int) -> None:
-        """Refill the ring buffer so that history() returns `pairs` (the newest that fit) after num_updates steps."""
-        pairs = list(pairs)[-self._history_size:]
-        if num_updates < len(pairs):
-            raise ValueError(f"state_dict['_num_updates']={num_updates} is less than the {len(pairs)} history entries")
-        buf = torch.zeros(self._history_size, 2, dtype=torch.float32)
-        for i, (scale, overflowed) in enumerate(pairs):
-            buf[(num_updates - len(pairs) + i) % self._history_size] = torch.tensor([scale, float(overflowed)])
-        self._num_updates = num_updates
-        if self._history_buf is None:
-            self._init_history = buf
-        else:
-            self._history_buf.copy_(buf)
+            self._hysteresis_left.fill_(self._init_hysteresis_left)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -777,26 +577,18 @@ class GradScaler:
             host = self._host_state()
             state["_init_scale"] = host["scale"]
             state["_init_growth_tracker"] = host["growth_tracker"]
-            state["_init_counters"] = {k: host[k] for k in ("hysteresis_left", "skipped", "min_hits")}
-            state["_init_history"] = None if self._history_buf is None else self._history_buf.cpu()
-            for name in ("_scale", "_growth_tracker", "_hysteresis_left", "_skipped", "_min_hits", "_history_buf"):
+            state["_init_hysteresis_left"] = host["hysteresis_left"]
+            for name in ("_scale", "_growth_tracker", "_hysteresis_left"):
                 state[name] = None
-        # Neither weak references, CUDA events nor process groups pickle: reports restart, and a process group
-        # must be passed again to the unpickled scaler (by default the default group is used when initialized).
-        state["_records"] = None
-        state["_min_hits_pending"] = None
+        # Process groups do not pickle: one must be passed again to the unpickled scaler (by default the default
+        # group is used when initialized).
         state["_process_group"] = None
         state["_per_optimizer_states"] = dict(state["_per_optimizer_states"])
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._records = weakref.WeakKeyDictionary()
         self._per_optimizer_states = defaultdict(_fresh_optimizer_state, state["_per_optimizer_states"])
-
-
-def _dense(grad: torch.Tensor) -> torch.Tensor:
-    return grad._values() if grad.is_sparse else grad
 
 
 def _check_factor(name: str, value, *, above_one: bool) -> None:
