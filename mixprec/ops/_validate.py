@@ -12,7 +12,9 @@ def check_tensor_list(name: str, tensors, *, dtypes=FLOAT_DTYPES, allow_none: bo
     for i, t in enumerate(tensors):
         if t is None and allow_none:
             continue
-        check_tensor(f"{name}[{i}]", t, dtypes=dtypes)
+        # the name is formatted only for a tensor that fails (a list of hundreds is checked every step)
+        if not (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.dtype in dtypes):
+            check_tensor(f"{name}[{i}]", t, dtypes=dtypes)
     return list(tensors)
 
 
