@@ -432,3 +432,20 @@ def test_layouts_dense_views_work_gappy_views_are_refused():
     p.grad = torch.randn(6, 8).t()
     with pytest.raises(RuntimeError, match=r"gradient of param_groups\[0\]\['params'\]\[0\] has strides"):
         opt.step()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_resized_param_is_refused_on_every_backend(backend):
+    """A param resized after its state was made (p.data = bigger tensor) is caught by the one validation that runs
+    before any backend: the Triton kernel would otherwise walk the old, smaller state buffers out of bounds."""
+    p = torch.nn.Parameter(torch.randn(8, dtype=torch.float16))
+    opt = FusedAdamW([p], backend=backend)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    p.data = torch.randn(1000, dtype=torch.float16)
+    p.grad = torch.randn_like(p)
+    before = [t.clone() for t in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["master_param"])]
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\] must have the shape and strides of params\[0\]"):
+        opt.step()
+    for t, b in zip((p.detach(), opt.state[p]["exp_avg"], opt.state[p]["master_param"]), before):
+        assert_bitwise_equal(t, b, "nothing written by the refused step")
