@@ -14,12 +14,10 @@ Loss scaling (the torch.amp.GradScaler contract, `_step_supports_amp_scaling`): 
 calling step(); the kernel divides the grads by grad_scale and, if found_inf is nonzero (read on the device),
 writes nothing: params, masters, m, v and the step counts stay as they were.
 
-Clipping (max_grad_norm): if mixprec.amp.GradScaler left `optimizer._mixprec_grad_norm_sq` (a one-element
-fp32 tensor: the sum of squares of the UNSCALED grads, from its fused unscale pass; set and removed by the
-scaler), that norm is used; otherwise one mixprec.ops.unscale_and_check_ pass computes it (and divides by
-grad_scale).
-The clip coefficient min(1, max_grad_norm / (norm + 1e-6)) (torch.nn.utils.clip_grad_norm_'s) is applied
-inside the kernel. Nothing in step() synchronizes with the device.
+Clipping (max_grad_norm): the norm is the one mixprec.amp.GradScaler published from its fused unscale pass
+(`optimizer._mixprec_grad_norm_sq`; mixprec._grad_norm documents the protocol) when there is one; otherwise
+one mixprec.ops.unscale_and_check_ pass computes it (and divides by grad_scale). torch.nn.utils.clip_grad_norm_'s
+coefficient is applied inside the kernel. Nothing in step() synchronizes with the device.
 
 Stochastic rounding: bf16 params with master_weights=False, stochastic_rounding=True are updated in fp32
 registers and stored with stochastic rounding, reproducibly from `seed`, the param's position and the step.
@@ -28,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from mixprec import _backend, ops
-from mixprec.ops import adam as _adam_op
+from mixprec import _backend, _grad_norm, ops
 from mixprec.ops._validate import is_non_overlapping_and_dense
+from mixprec.ops.adam import AdamLists, check_adam_hyper
 
 __all__ = ["FusedAdam", "FusedAdamW"]
 
@@ -59,7 +57,7 @@ class FusedAdam(torch.optim.Optimizer):
             raise ValueError(f"Invalid learning rate: {lr}")
         if not isinstance(betas, (tuple, list)) or len(betas) != 2 or any(isinstance(b, torch.Tensor) for b in betas):
             raise ValueError(f"betas must be a pair of floats, got {betas!r}")
-        _adam_op.check_adam_hyper(beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
+        check_adam_hyper(beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
         if master_weights not in ("auto", True, False):
             raise ValueError(f"master_weights must be 'auto', True or False, got {master_weights!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -166,21 +164,18 @@ class FusedAdam(torch.optim.Optimizer):
 
     def _clip_coefs(self, grads_by_device: dict, grad_scale) -> dict:
         """{device: clip coefficient tensor} for max_grad_norm (see the module docstring)."""
-        norm_sq = getattr(self, "_mixprec_grad_norm_sq", None)  # of the unscaled grads
+        norm_sq = _grad_norm.published(self)
         unscaled = norm_sq is not None
         if norm_sq is None:
             total = None
             for device, grads in grads_by_device.items():
-                part = torch.zeros(1, dtype=torch.float32, device=device)
-                scratch = torch.zeros(1, dtype=torch.float32, device=device)
-                # inv_scale 1: rewrites every grad unchanged; what is wanted is the sum of squares
-                ops.unscale_and_check_(grads, torch.ones(1, dtype=torch.float32, device=device), scratch, part)
+                part = _grad_norm.sum_of_squares(grads, device)
                 total = part if total is None else total + part.to(total.device)
             norm_sq = total
         norm = norm_sq.reshape(1).float().sqrt()
         if grad_scale is not None and not unscaled:
             norm = norm / grad_scale.reshape(1).to(norm.device)
-        coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+        coef = _grad_norm.clip_coef(norm, self.max_grad_norm)
         return {device: coef.to(device) for device in grads_by_device}
 
     @torch.no_grad()
@@ -217,16 +212,16 @@ class FusedAdam(torch.optim.Optimizer):
                                        "match their params; a grad set by hand must too)")
                 state = self._init_state(group, p)
                 master = "master_param" in state and self._needs_master(group, p)
-                b = buckets.setdefault((p.device, master), ([], [], [], [], [], [], []))
-                b[0].append(p)
-                b[1].append(g)
-                b[2].append(state["exp_avg"])
-                b[3].append(state["exp_avg_sq"])
+                b = buckets.setdefault((p.device, master), AdamLists())
+                b.params.append(p)
+                b.grads.append(g)
+                b.exp_avgs.append(state["exp_avg"])
+                b.exp_avg_sqs.append(state["exp_avg_sq"])
+                b.steps.append(state["step"])
                 if group["amsgrad"]:
-                    b[4].append(state["max_exp_avg_sq"])
+                    b.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
                 if master:
-                    b[5].append(state["master_param"])
-                b[6].append(state["step"])
+                    b.master_params.append(state["master_param"])
                 if self.max_grad_norm is not None:
                     grads_by_device.setdefault(p.device, []).append(g)
             for (device, _), lists in buckets.items():
@@ -235,18 +230,19 @@ class FusedAdam(torch.optim.Optimizer):
         clip = self._clip_coefs(grads_by_device, grad_scale) if grads_by_device else {}
         found_by_device: dict = {}
         scale_by_device: dict = {}
-        for gi, group, device, (params, grads, exp_avgs, exp_avg_sqs, maxes, masters, steps) in calls:
+        for gi, group, device, lists in calls:
             if found_inf is not None and device not in found_by_device:
                 found_by_device[device] = found_inf.to(device, torch.float32, non_blocking=True).reshape(1)
             if grad_scale is not None and device not in scale_by_device:
                 scale_by_device[device] = grad_scale.to(device, torch.float32, non_blocking=True).reshape(1)
             beta1, beta2 = group["betas"]
-            sr_seed = _mix_seed(group["seed"], gi) if group["stochastic_rounding"] else -1
-            _adam_op._run(
-                _backend.select(group["backend"], device), params, grads, exp_avgs, exp_avg_sqs, maxes, masters,
-                steps, self._lr_tensor(gi, group["lr"], device), float(beta1), float(beta2), float(group["eps"]),
-                float(group["weight_decay"]), bool(group["decoupled_weight_decay"]), bool(group["maximize"]),
-                scale_by_device.get(device), found_by_device.get(device), clip.get(device), sr_seed)
+            ops.adam_step_(
+                **lists.as_kwargs(), lr=self._lr_tensor(gi, group["lr"], device), beta1=beta1, beta2=beta2,
+                eps=group["eps"], weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
+                maximize=group["maximize"], grad_scale=scale_by_device.get(device),
+                found_inf=found_by_device.get(device), clip_coef=clip.get(device),
+                sr_seed=_mix_seed(group["seed"], gi) if group["stochastic_rounding"] else None,
+                backend=group["backend"])
         return loss
 
 
