@@ -769,3 +769,19 @@ def test_cuda_trajectory_equals_torch_and_no_sync():
         assert norm.is_cuda and norm.dtype == torch.float32
     assert scaler.skipped_steps() == 1
 
+
+
+def test_pickle_before_first_scale_keeps_a_loaded_history():
+    """A scaler that loaded a state_dict and is pickled before its first scale() keeps the loaded history."""
+    source = GradScaler("cpu", init_scale=4.0)
+    p = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.1)
+    for _ in range(3):
+        p.grad = torch.ones(2)
+        source.scale(torch.ones(()))
+        source.step(opt)
+        source.update()
+    saved = source.state_dict()
+    loaded = GradScaler("cpu")
+    loaded.load_state_dict(saved)
+    assert pickle.loads(pickle.dumps(loaded)).history() == saved["_history"] == [(4.0, False)] * 3

@@ -272,7 +272,8 @@ class OverflowMonitor:
         state = self.__dict__.copy()
         # Device tensors are rebuilt at the first materialize() after unpickling, from host values.
         state["_init_counters"] = self._counters()
-        state["_init_history"] = None if self._history_buf is None else self._history_buf.cpu()
+        # before the first materialize() the history is still the host copy a loaded state_dict left
+        state["_init_history"] = self._init_history if self._history_buf is None else self._history_buf.cpu()
         for name in ("_skipped", "_min_hits", "_history_buf"):
             state[name] = None
         # Neither weak references nor CUDA events pickle: reports restart.
