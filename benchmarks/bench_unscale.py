@@ -7,7 +7,6 @@ in-place mix at the same size, timed in the same rounds as ours and the peers (t
 """
 from __future__ import annotations
 
-
 import torch
 
 import mixprec
@@ -91,8 +90,9 @@ def _run_cpu(quick: bool) -> list[dict]:
         rows.append(row(op=OP, backend="cpu", device="cpu", shape=_shape(label, grads, n, pass_label),
                         dtype="float16", timing=timings.pop("ours"), unit="GB/s", work=work,
                         ceiling=gbps(work, ceiling), peers=timings,
-                        notes=f"with norm_sq; ceiling: stream of the same bytes ({'in place' if write else 'read only'})"
-                              f", IQR {ceiling.q25_ms:.3g}-{ceiling.q75_ms:.3g} ms"))
+                        notes="with norm_sq; ceiling: stream of the same bytes "
+                              f"({'in place' if write else 'read only'}), "
+                              f"IQR {ceiling.q25_ms:.3g}-{ceiling.q75_ms:.3g} ms"))
     return rows
 
 

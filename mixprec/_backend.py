@@ -58,7 +58,8 @@ def select(backend: str, device: torch.device) -> str:
         if device.type != "cuda":
             raise ValueError(f"{source}='cuda' needs CUDA tensors, got tensors on {device}")
         if not _ext.has_cuda_kernels():
-            raise RuntimeError(f"{source}='cuda': mixprec._C was built without its CUDA part (see `python -m mixprec info`)")
+            raise RuntimeError(f"{source}='cuda': mixprec._C was built without its CUDA part "
+                               "(see `python -m mixprec info`)")
     elif backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"{source}='cpu' needs CPU tensors, got tensors on {device}")

@@ -539,7 +539,8 @@ def _continue(scaler, steps):
 @pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
 def test_state_dict_cross_loads_with_torch(direction):
     first, then = ["inf", "ok", "ok", "ok", "nan", "ok"], ["ok", "ok", "inf", "ok", "ok", "ok", "ok"]
-    make = {"ours": lambda: GradScaler("cpu", growth_interval=3), "torch": lambda: torch.amp.GradScaler("cpu", growth_interval=3)}
+    make = {"ours": lambda: GradScaler("cpu", growth_interval=3),
+            "torch": lambda: torch.amp.GradScaler("cpu", growth_interval=3)}
     src_kind, dst_kind = ("torch", "ours") if direction == "torch_to_ours" else ("ours", "torch")
     src = make[src_kind]()
     _continue(src, first)
@@ -695,7 +696,8 @@ def test_update_new_scale():
     (dict(growth_factor=1.0), "growth_factor"), (dict(backoff_factor=1.0), "backoff_factor"),
     (dict(backoff_factor=0.0), "backoff_factor"), (dict(growth_interval=0), "growth_interval"),
     (dict(hysteresis=0), "hysteresis"), (dict(history=0), "history"), (dict(min_scale=-1.0), "min_scale"),
-    (dict(init_scale=float("inf")), "init_scale"), (dict(init_scale=None), "init_scale"), (dict(min_scale=4.0, max_scale=2.0), "init_scale"),
+    (dict(init_scale=float("inf")), "init_scale"), (dict(init_scale=None), "init_scale"),
+    (dict(min_scale=4.0, max_scale=2.0), "init_scale"),
     (dict(init_scale=1.0, min_scale=2.0), "init_scale"), (dict(min_scale_patience=0), "min_scale_patience"),
 ])
 def test_bad_constructor_arguments_name_the_argument(kwargs, name):

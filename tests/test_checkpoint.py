@@ -9,12 +9,11 @@ import textwrap
 
 import pytest
 import torch
+from helpers import assert_bitwise_equal
 
 import mixprec
 from mixprec import checkpoint
 from mixprec.tools.cli import load_train_example
-
-from helpers import assert_bitwise_equal
 
 train = load_train_example()
 

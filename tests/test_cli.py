@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mixprec import _ext
-from mixprec.tools import bench, selftest
 from mixprec.benchmarks.ceiling import cpu_stream_gbps, default_layout
+from mixprec.tools import bench, selftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

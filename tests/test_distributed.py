@@ -19,12 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import assert_bitwise_equal
 from torch import nn
 
 import mixprec
 from mixprec import precision
-
-from helpers import assert_bitwise_equal
 
 WORLD = 2
 STEPS = 6

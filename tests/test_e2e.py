@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_bitwise_equal
 from torch import nn
 
 import mixprec
 from mixprec import precision
 from mixprec.tools.cli import load_train_example
-
-from helpers import assert_bitwise_equal
 
 train = load_train_example()
 
@@ -59,7 +58,8 @@ def test_prepare_keeps_norm_layers_fp32_and_casts_at_their_borders(dtype):
 
     seen = {}
     for name in ("fc1", "bn", "block"):
-        getattr(model, name).register_forward_hook(lambda m, a, o, name=name: seen.update({name: (a[0].dtype, o.dtype)}))
+        getattr(model, name).register_forward_hook(
+            lambda m, a, o, name=name: seen.update({name: (a[0].dtype, o.dtype)}))
     out = model(torch.randint(0, 10, (4,)), torch.randn(4, 8))  # int ids pass, fp32 x is cast
     assert seen["fc1"] == (dtype, dtype)
     assert seen["bn"] == (torch.float32, dtype)  # runs on fp32 input (and fp32 params), hands back dtype

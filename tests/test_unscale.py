@@ -122,13 +122,16 @@ def test_empty_list_and_all_none_are_no_ops():
 
 
 @pytest.mark.parametrize("bad_call, match", [
-    (lambda g, i, f: mixprec.ops.unscale_and_check_([torch.ones(3, dtype=torch.int32)], i, f), r"grads\[0\] must have dtype"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_([torch.ones(3, dtype=torch.int32)], i, f),
+     r"grads\[0\] must have dtype"),
     (lambda g, i, f: mixprec.ops.unscale_and_check_(g[0], i, f), "grads must be a list"),
     (lambda g, i, f: mixprec.ops.unscale_and_check_(g, i.double(), f), "inv_scale must be torch.float32"),
     (lambda g, i, f: mixprec.ops.unscale_and_check_(g, torch.ones(2), f), "inv_scale must have exactly one element"),
     (lambda g, i, f: mixprec.ops.unscale_and_check_(g, i, f.to("meta")), "found_inf must be on cpu"),
-    (lambda g, i, f: mixprec.ops.unscale_and_check_(g + [torch.ones(2, device="meta")], i, f), r"grads\[1\] is on meta"),
-    (lambda g, i, f: mixprec.ops.unscale_and_check_([torch.ones(4, 4)[:, 0]], i, f), r"grads\[0\] must be non-overlapping"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_(g + [torch.ones(2, device="meta")], i, f),
+     r"grads\[1\] is on meta"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_([torch.ones(4, 4)[:, 0]], i, f),
+     r"grads\[0\] must be non-overlapping"),
     (lambda g, i, f: mixprec.ops.unscale_and_check_([torch.ones(4).to_sparse()], i, f), r"grads\[0\] must be a dense"),
     (lambda g, i, f: mixprec.ops.unscale_and_check_(g, i, f, per_tensor_inf=torch.zeros(3)), "per_tensor_inf must be"),
     (lambda g, i, f: mixprec.ops.unscale_and_check_(g, i, f, backend="gpu"), "backend must be one of"),
@@ -147,7 +150,8 @@ def test_extension_checks_arguments_too():
     with pytest.raises(RuntimeError, match=r"grads\[0\] must be float32, float16 or bfloat16"):
         torch.ops.mixprec.unscale_and_check_([torch.ones(3, dtype=torch.int64)], torch.ones(1), torch.zeros(1))
     with pytest.raises(RuntimeError, match="norm_sq must be float32"):
-        torch.ops.mixprec.unscale_and_check_([torch.ones(3)], torch.ones(1), torch.zeros(1), torch.zeros(1, dtype=torch.float64))
+        torch.ops.mixprec.unscale_and_check_([torch.ones(3)], torch.ones(1), torch.zeros(1),
+                                             torch.zeros(1, dtype=torch.float64))
 
 
 def test_opcheck():

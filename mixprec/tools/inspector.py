@@ -149,8 +149,9 @@ def _report(source, module, kernel, config, arch, res: KernelInfo, threads, smem
 
 
 def compile_triton(spec: dict, arch: int, where: str = ""):
-    """triton.compile of one AOT spec (mixprec/tools/kernel_specs.py) for sm_<arch>, as the JIT would specialize it (the "aligned"
-    arguments carry the 16-divisibility hint); returns triton's compiled kernel (.asm["cubin"], .metadata)."""
+    """triton.compile of one AOT spec (mixprec/tools/kernel_specs.py) for sm_<arch>, as the JIT would specialize
+    it (the "aligned" arguments carry the 16-divisibility hint); returns triton's compiled kernel (.asm["cubin"],
+    .metadata)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -252,8 +253,8 @@ def format_report(d: dict) -> str:
     for k in d["kernels"]:
         occ = f"{100 * k['occupancy']:.0f}% ({k['occupancy_limiter']})" if k["occupancy"] is not None else "-"
         body.append([k["source"], k["kernel"], k["config"], str(k["arch"]), str(k["threads"] or "?"), str(k["regs"]),
-                     "yes" if k["spills"] else "no", str(k["local_bytes"] + k["stack_bytes"]), str(k["smem_bytes"]), occ, str(k["hmma"]),
-                     str(k["hgmma"])])
+                     "yes" if k["spills"] else "no", str(k["local_bytes"] + k["stack_bytes"]), str(k["smem_bytes"]),
+                     occ, str(k["hmma"]), str(k["hgmma"])])
     lines = ["Kernels (compiled for the target without a GPU; read from the cubins)", _columns(header, body)]
     if d["cuda_note"]:
         lines.append(f"CUDA kernels: none ({d['cuda_note']})")

@@ -109,18 +109,20 @@ def _check_accumulate(backend, device, dtype, seed) -> str:
     ptr = c.data_ptr()
     ops.matmul_accumulate_(c, a, b, backend=backend)
     assert c.data_ptr() == ptr and c.dtype == torch.float32, "c was not updated in place"
-    err = testing.assert_max_rel_err(c.cpu(), expected, testing.GEMM_TOL[torch.float32], f"{backend} matmul_accumulate_ vs reference")
+    err = testing.assert_max_rel_err(c.cpu(), expected, testing.GEMM_TOL[torch.float32],
+                                     f"{backend} matmul_accumulate_ vs reference")
     return f"max rel. error {err:.1e} (tol {testing.GEMM_TOL[torch.float32]:g})"
 
 
 def unscale_cases(device: str) -> list[Case]:
-    """`python -m mixprec selftest` checks of unscale_and_check_: every backend on `device`, against torch's unscale (bit
-    for bit), the found_inf flag, and the reference's fp64 norm."""
+    """`python -m mixprec selftest` checks of unscale_and_check_: every backend on `device`, against torch's unscale
+    (bit for bit), the found_inf flag, and the reference's fp64 norm."""
 
     # (label, dtypes, shapes, specials): odd sizes, a 2-D tensor, planted inf/NaN, and one mixed list with an
     # empty tensor, because the kernels group by dtype and skip empty tensors.
+    single = (((129,), False), ((1000, 7), False), ((1000, 7), True))
     problems = [(str(dt).removeprefix("torch."), (dt,), [shape], specials)
-                for dt in testing.DTYPES for shape, specials in (((129,), False), ((1000, 7), False), ((1000, 7), True))]
+                for dt in testing.DTYPES for shape, specials in single]
     problems.append(("mixed", testing.DTYPES + (torch.float16,), [(300,), (1, 77), (5000,), (0,)], False))
     cases = []
     for b in backends(device):
@@ -140,7 +142,8 @@ def _check_unscale(backend, dtypes, shapes, specials, device, seed) -> str:
     expected = [g.clone() for g in grads]
     expected_inf = torch.zeros(1, device=device)
     for dt in set(dtypes):  # torch's CPU kernel takes one dtype per call
-        torch._amp_foreach_non_finite_check_and_unscale_([e for e in expected if e.dtype == dt], expected_inf, inv_scale)
+        same_dtype = [e for e in expected if e.dtype == dt]
+        torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, expected_inf, inv_scale)
     ref_norm = torch.zeros(1, device=device)
     reference.unscale_and_check_([g.clone() for g in grads], inv_scale, torch.zeros(1, device=device), ref_norm)
 
