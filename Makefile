@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CMAKE_BUILD ?= cmake-build
 BENCH_OUT ?= bench-results
 
-.PHONY: setup build test test-python test-cpp bench clean
+.PHONY: setup build lint test test-python test-cpp bench clean
 
 setup: $(VENV)/.deps-installed
 
@@ -26,7 +26,11 @@ test-cpp: setup
 	$(PY) tools/cmake_build.py --build-dir $(CMAKE_BUILD)
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
-test: test-cpp test-python
+# ruff, configured in pyproject.toml: seconds, so it runs first and a lint error fails fast.
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint test-cpp test-python
 
 bench: build
 	$(PY) -m mixprec bench --quick --output $(BENCH_OUT)
