@@ -190,11 +190,21 @@ def test_inspect_reports_unscale_kernels(inspect_json):
         assert all(k["threads"] and 0 < k["occupancy"] <= 1 for k in cuda_unscale)
 
 
+def test_inspect_names_cuda_instances_in_words(inspect_json):
+    if not _ext.has_cuda_kernels():
+        pytest.skip("mixprec._C was built without its CUDA part")
+    names = {k["kernel"] for k in inspect_json["kernels"] if k["source"] == "cuda"}
+    assert not [n for n in names if "<" in n or "DType" in n], names
+    assert {"adam_kernel (fp16, master weights, AdamW)", "adam_kernel (fp32, amsgrad, Adam)", "unscale_kernel (bf16)",
+            "gemm_kernel (fp16, A K-contiguous, B K-contiguous, 16-byte vectors)",
+            "gemm_kernel (bf16, A M-contiguous, B N-contiguous, 16-byte vectors)"} <= names, names
+
+
 def test_inspect_reports_gemm_kernels(inspect_json):
-    from mixprec.kernels.gemm import AOT_SPECS
+    from mixprec.tools.kernel_specs import aot_specs
 
     gemm = [k for k in inspect_json["kernels"] if k["source"] == "triton" and k["kernel"] == "_gemm_kernel"]
-    assert sorted(k["config"] for k in gemm) == sorted(s["config"] for s in AOT_SPECS for _ in (80, 90))
+    assert sorted(k["config"] for k in gemm) == sorted(s["config"] for s in aot_specs("gemm") for _ in (80, 90))
     for k in gemm:  # tensor cores with nothing spilled, every config of both modes
         assert not k["spills"] and k["threads"] in (128, 256) and 0 < k["occupancy"] <= 1, k
         assert (k["hmma"] > 0 and k["hgmma"] == 0) if k["arch"] == 80 else (k["hgmma"] > 0 and k["hmma"] == 0), k

@@ -53,12 +53,13 @@ def read_binary(path: str, arch: int) -> list[tuple[KernelInfo, int | None, int]
     return out
 
 
-# The template parameters of each CUDA kernel (csrc/cuda/*.cu), in order: a dtype, or a flag named by what it
-# turns on. A kernel left out here is shown with its parameters as the compiler prints them.
+# The template parameters of each CUDA kernel (csrc/cuda/*.cu), in order: a dtype, a flag named only when it is
+# on, or a flag with a word for each value. A kernel left out here is shown as the compiler prints it.
 _TEMPLATE_PARAMS = {
-    "adam_kernel": ("dtype", "master weights", "amsgrad", "AdamW", "stochastic rounding"),
+    "adam_kernel": ("dtype", "master weights", "amsgrad", ("AdamW", "Adam"), "stochastic rounding"),
     "unscale_kernel": ("dtype",),
-    "gemm_kernel": ("dtype", "A K-contiguous", "B K-contiguous", "16-byte vectors"),
+    "gemm_kernel": ("dtype", ("A K-contiguous", "A M-contiguous"), ("B K-contiguous", "B N-contiguous"),
+                    ("16-byte vectors", "scalar loads")),
 }
 _DTYPE_WORDS = {"(DType)0": "fp32", "(DType)1": "fp16", "(DType)2": "bf16", "__half": "fp16",
                 "__nv_bfloat16": "bf16", "float": "fp32"}
@@ -66,7 +67,7 @@ _DTYPE_WORDS = {"(DType)0": "fp32", "(DType)1": "fp16", "(DType)2": "bf16", "__h
 
 def _short_name(demangled: str) -> str:
     """'void mixprec::cuda::(anonymous namespace)::adam_kernel<(mixprec::DType)1, true, ...>(args)' ->
-    'adam_kernel (fp16, master weights, ...)': the instance in words, each flag named when it is on."""
+    'adam_kernel (fp16, master weights, Adam)': the instance in words (_TEMPLATE_PARAMS)."""
     name = re.sub(r"\(anonymous namespace\)::|mixprec::cuda::|mixprec::", "", demangled)
     name = re.sub(r"^void ", "", name)
     depth = 0
@@ -84,10 +85,12 @@ def _short_name(demangled: str) -> str:
     for param, value in zip(params, values):
         if param == "dtype":
             words.append(_DTYPE_WORDS.get(value, value))
+        elif value not in ("true", "false"):
+            words.append(f"{param}={value}")
+        elif isinstance(param, tuple):
+            words.append(param[value == "false"])
         elif value == "true":
             words.append(param)
-        elif value != "false":
-            words.append(f"{param}={value}")
     return f"{base} ({', '.join(words)})"
 
 
