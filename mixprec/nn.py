@@ -21,7 +21,7 @@ class Linear(torch.nn.Linear):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> "Linear":
+    def from_linear(cls, linear: torch.nn.Linear) -> Linear:
         """A mixprec Linear sharing `linear`'s parameter objects (optimizers holding them keep working)."""
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mixprec
-from mixprec import _ext
+from mixprec import _backend, _ext
 from mixprec.testing import GEMM_TOL as TOL  # shared with `python -m mixprec selftest`
 from mixprec.testing import max_rel_err as rel_err
 
@@ -45,6 +45,89 @@ def test_matmul_vs_fp64(case, dtype, backend):
     ref = a.double() @ b.double()
     assert out.dtype == dtype and out.shape == ref.shape
     assert rel_err(out, ref) <= TOL[dtype], f"rel err {rel_err(out, ref):.2e}"
+
+
+def fp64_grads(tensors, out, grad):
+    """torch.autograd's gradients of out(*fp64 copies of tensors) for the output gradient `grad`."""
+    copies = [t.detach().double().requires_grad_() for t in tensors]
+    out(*copies).backward(grad.double())
+    return [c.grad for c in copies]
+
+
+# Each gradient is one GEMM (or the bias's sum) of exact half inputs with fp32 accumulation and one rounding, over
+# at most 3 * 129 rows here: the forward's error bound, GEMM_TOL, covers it.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_matmul_grads_vs_fp64(case, dtype, backend):
+    batch, M, N, K, ta, tb = case
+    gen = torch.Generator().manual_seed(M * 1000 + N + K + 1)
+    a = make((*batch, M, K), dtype, gen, ta).requires_grad_()
+    b = make((K, N), dtype, gen, tb).requires_grad_()
+    bias = make((N,), dtype, gen).requires_grad_()
+    grad = make((*batch, M, N), dtype, gen)
+    mixprec.ops.matmul(a, b, bias=bias, backend=backend).backward(grad)
+    refs = fp64_grads((a, b, bias), lambda a, b, bias: a @ b + bias, grad)
+    for name, t, ref in zip("a b bias".split(), (a, b, bias), refs):
+        assert t.grad.dtype == dtype and t.grad.shape == t.shape, name
+        assert rel_err(t.grad, ref) <= TOL[dtype], f"grad {name}: rel err {rel_err(t.grad, ref):.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, "other half"])
+def test_grads_of_out_dtype(dtype, out_dtype, backend):
+    """A grad of out_dtype is rounded once to the operands' dtype before the GEMMs (which need half operands); the
+    fp32 bias's gradient sums the grad as it came."""
+    if out_dtype == "other half":
+        out_dtype = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    gen = torch.Generator().manual_seed(4)
+    a, b = make((3, 65, 48), dtype, gen).requires_grad_(), make((48, 70), dtype, gen, True).requires_grad_()
+    bias = torch.randn(70, generator=gen, requires_grad=True)
+    grad = torch.randn(3, 65, 70, generator=gen).to(out_dtype)
+    mixprec.ops.matmul(a, b, bias=bias, out_dtype=out_dtype, backend=backend).backward(grad)
+    ref_a, ref_b, _ = fp64_grads((a, b, bias), lambda a, b, bias: a @ b + bias, grad.to(dtype))
+    ref_bias = grad.double().sum((0, 1))
+    assert a.grad.dtype == b.grad.dtype == dtype and bias.grad.dtype == torch.float32
+    assert rel_err(a.grad, ref_a) <= TOL[dtype] and rel_err(b.grad, ref_b) <= TOL[dtype]
+    assert rel_err(bias.grad, ref_bias) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wanted", ["a", "b", "bias"])
+def test_grads_of_some_inputs(wanted, backend):
+    """Only the gradients asked for are computed (the others are None), each right on its own."""
+    gen = torch.Generator().manual_seed(6)
+    inputs = {"a": make((9, 16), torch.float16, gen), "b": make((16, 5), torch.float16, gen),
+              "bias": make((5,), torch.float16, gen)}
+    inputs[wanted].requires_grad_()
+    grad = make((9, 5), torch.float16, gen)
+    out = mixprec.ops.matmul(inputs["a"], inputs["b"], bias=inputs["bias"], backend=backend)
+    (got,) = torch.autograd.grad(out, inputs[wanted], grad)
+    ref = dict(zip(inputs, fp64_grads(inputs.values(), lambda a, b, bias: a @ b + bias, grad)))[wanted]
+    assert got.dtype == torch.float16 and rel_err(got, ref) <= TOL[torch.float16]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])  # the spec makes no layout promise
+@pytest.mark.parametrize("ta,tb", [(False, True), (True, False), (True, True)])
+def test_grads_come_in_their_inputs_layout(ta, tb, backend):
+    """b = weight.t() (stride(0) == 1) gets a gradient of its own strides, so that the weight's is contiguous and
+    AccumulateGrad copies nothing; likewise a transposed 2-D a."""
+    gen = torch.Generator().manual_seed(9)
+    a = make((33, 40), torch.float16, gen, ta).requires_grad_()
+    b = make((40, 17), torch.float16, gen, tb).requires_grad_()
+    grad_a, grad_b = torch.autograd.grad(mixprec.ops.matmul(a, b, backend=backend), (a, b),
+                                         make((33, 17), torch.float16, gen))
+    assert grad_a.stride() == a.stride() and grad_b.stride() == b.stride()
+
+
+@pytest.mark.skipif(not _ext.available(), reason="mixprec._C not built")
+def test_op_is_differentiable():
+    a = torch.randn(4, 6).half().requires_grad_()
+    out = torch.ops.mixprec.matmul(a, torch.randn(6, 2).half(), None, torch.float32)
+    assert out.grad_fn is not None and out.requires_grad
+    (grad_a,) = torch.autograd.grad(out.sum(), a)
+    assert grad_a.dtype == torch.float16 and grad_a.shape == a.shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -125,7 +208,8 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(TypeError, match="^out_dtype must be"):
         mixprec.ops.matmul(torch.zeros(2, 3, dtype=h), torch.zeros(3, 4, dtype=h), out_dtype=torch.int32)
     with pytest.raises(TypeError, match="^c must be a float32 tensor"):
-        mixprec.ops.matmul_accumulate_(torch.zeros(2, 4, dtype=h), torch.zeros(2, 3, dtype=h), torch.zeros(3, 4, dtype=h))
+        mixprec.ops.matmul_accumulate_(torch.zeros(2, 4, dtype=h), torch.zeros(2, 3, dtype=h),
+                                       torch.zeros(3, 4, dtype=h))
     with pytest.raises(ValueError, match="^c must have shape"):
         mixprec.ops.matmul_accumulate_(torch.zeros(4, 2), torch.zeros(2, 3, dtype=h), torch.zeros(3, 4, dtype=h))
 
@@ -140,10 +224,24 @@ def test_cpu_op_checks_name_the_argument():
 
 
 @pytest.mark.skipif(not _ext.available(), reason="mixprec._C not built")
-def test_opcheck():
-    a, b = torch.randn(5, 8).half(), torch.randn(8, 3).half()
-    torch.library.opcheck(torch.ops.mixprec.matmul.default, (a, b, torch.randn(3), torch.float32))
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad):
+    """With inputs requiring grad, opcheck's test_autograd_registration needs the op's autograd registration and
+    test_aot_dispatch_dynamic traces its backward."""
+    a = torch.randn(5, 8).half().requires_grad_(requires_grad)
+    b = torch.randn(8, 3).half().requires_grad_(requires_grad)
+    bias = torch.randn(3, requires_grad=requires_grad)
+    torch.library.opcheck(torch.ops.mixprec.matmul.default, (a, b, bias, torch.float32))
     torch.library.opcheck(torch.ops.mixprec.matmul_accumulate_.default, (torch.zeros(5, 3), a, b))
+
+
+@pytest.mark.skipif(not _backend.triton_interpreter_enabled(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_triton(requires_grad):
+    a = torch.randn(2, 5, 8).half().requires_grad_(requires_grad)
+    b = torch.randn(3, 8).half().t().requires_grad_(requires_grad)
+    bias = torch.randn(3).half().requires_grad_(requires_grad)
+    torch.library.opcheck(torch.ops.mixprec.matmul_triton.default, (a, b, bias))
 
 
 @pytest.mark.skipif(not _ext.available(), reason="mixprec._C not built")
@@ -152,3 +250,17 @@ def test_torch_compile_fullgraph():
     f = torch.compile(lambda a, b: mixprec.ops.matmul(a, b, out_dtype=torch.float32) * 2, fullgraph=True,
                       backend="eager")
     torch.testing.assert_close(f(a, b), mixprec.reference.matmul(a, b, out_dtype=torch.float32) * 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_backward(backend):
+    """aot_eager traces the registered backward (on fake tensors) into the backward graph."""
+    gen = torch.Generator().manual_seed(10)
+    a, b = make((2, 5, 8), torch.float16, gen).requires_grad_(), make((8, 3), torch.float16, gen, True)
+    b.requires_grad_()
+    f = torch.compile(lambda a, b: mixprec.ops.matmul(a, b, backend=backend).float().square().sum(), fullgraph=True,
+                      backend="aot_eager")
+    got = torch.autograd.grad(f(a, b), (a, b))
+    want = torch.autograd.grad(mixprec.ops.matmul(a, b, backend=backend).float().square().sum(), (a, b))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -46,6 +46,23 @@ def test_main_grad_accumulates_in_fp32(backend):
     assert rel_err(w.main_grad, ref) <= 1e-6
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_main_grad_path_keeps_dx_and_db(backend):
+    """With main_grad, dx and db still come from the op's backward (weight detached there), dW only into main_grad."""
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 7, 33, generator=gen).half().requires_grad_()
+    w = torch.randn(17, 33, generator=gen).half().requires_grad_()
+    b = torch.randn(17, generator=gen).half().requires_grad_()
+    w.main_grad = torch.zeros(17, 33)
+    gy = torch.randn(2, 7, 17, generator=gen).half()
+    linear(x, w, b, backend=backend).backward(gy)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    torch.nn.functional.linear(xd, wd, bd).backward(gy.double())
+    assert w.grad is None
+    assert rel_err(w.main_grad, wd.grad) <= 1e-6
+    assert rel_err(x.grad, xd.grad) <= 1e-3 and rel_err(b.grad, bd.grad) <= 1e-3
+
+
 def test_nn_linear_swap_keeps_outputs():
     torch.manual_seed(13)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8, bias=False)).half()
@@ -65,3 +82,28 @@ def test_nn_linear_swap_keeps_outputs():
 def test_linear_bad_input():
     with pytest.raises(ValueError, match="^x must have shape"):
         linear(torch.zeros(3, 5, dtype=torch.half), torch.zeros(4, 6, dtype=torch.half))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_model_trains(dtype, backend):
+    """fullgraph=True fails on any graph break; aot_eager (no code generation, quick on a CPU) still traces each
+    layer's backward through the op's registered autograd into the backward graph."""
+    torch.manual_seed(14)
+    model = torch.nn.Sequential(mixprec.nn.Linear(16, 32), torch.nn.ReLU(), mixprec.nn.Linear(32, 4)).to(dtype)
+    for layer in (model[0], model[2]):
+        layer.backend = backend
+    x = torch.randn(64, 16).to(dtype)
+    target = x.float() @ torch.randn(16, 4) / 4
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), model(x))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = (compiled(x).float() - target).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.grad.dtype == dtype for p in model.parameters())
+    assert losses[-1] < 0.5 * losses[0], losses

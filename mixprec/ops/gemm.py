@@ -1,4 +1,5 @@
-"""mixprec.ops.matmul / matmul_accumulate_: fp16/bf16 GEMM with fp32 accumulation and one rounding."""
+"""mixprec.ops.matmul / matmul_accumulate_: fp16/bf16 GEMM with fp32 accumulation and one rounding; matmul is
+differentiable on every backend, its backward GEMMs running on the same kernels."""
 from __future__ import annotations
 
 import torch
@@ -35,6 +36,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None
 
     a and b: both fp16 or both bf16, any strides (transposed views are read in place). bias: fp16, bf16 or
     fp32, added in fp32 before the rounding. out_dtype: fp16, bf16 or fp32 (default a's dtype).
+
+    Differentiable in a, b and bias (formulas at _backward_on): a gradient arriving in another dtype than a's (an
+    out_dtype of fp32, say) is rounded to a's dtype before the backward GEMMs, whose operands must be half.
     """
     _check_operands(a, b)
     if bias is not None:
@@ -49,12 +53,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None
         raise TypeError(f"out_dtype must be torch.float16, torch.bfloat16 or torch.float32, got {out_dtype}")
     chosen = _backend.select(backend, a.device)
     if chosen == "reference":
-        return reference.matmul(a, b, bias, out_dtype)
+        return reference.matmul(a, b, bias, out_dtype)  # plain PyTorch: autograd differentiates it as it stands
     if chosen == "triton":
-        from mixprec.kernels import gemm as triton_gemm
-
-        out = torch.empty(_out_shape(a, b), dtype=out_dtype or a.dtype, device=a.device)
-        return triton_gemm.gemm(a, b, out, bias)
+        return torch.ops.mixprec.matmul_triton(a, b, bias, out_dtype)
     return torch.ops.mixprec.matmul(a, b, bias, out_dtype)
 
 
@@ -86,96 +87,73 @@ def matmul_accumulate_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, bac
         torch.ops.mixprec.matmul_accumulate_(c, a, b)
 
 
-if _ext.available():
+# The Triton kernel as an op of its own, with the extension op's schema, rather than a Python autograd.Function
+# around the launcher: torch.compile then sees one opaque node (it never traces the launcher or the import of
+# triton), and both ops get their fake and autograd registrations from the one _register below.
+@torch.library.custom_op("mixprec::matmul_triton", mutates_args=())
+def _matmul_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    from mixprec.kernels import gemm as triton_gemm
 
-    @torch.library.register_fake("mixprec::matmul")
-    def _(a, b, bias=None, out_dtype=None):
-        return a.new_empty(_out_shape(a, b), dtype=out_dtype or a.dtype)
+    out = torch.empty(_out_shape(a, b), dtype=out_dtype or a.dtype, device=a.device)
+    return triton_gemm.gemm(a, b, out, bias)
+
+
+def _fake_matmul(a, b, bias=None, out_dtype=None):
+    return a.new_empty(_out_shape(a, b), dtype=out_dtype or a.dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    a, b, bias, _ = inputs
+    ctx.save_for_backward(a, b)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _in_layout_of(like, gemm, x, y):
+    """x @ y on `gemm`, stored like `like` where that costs nothing: for a 2-D `like` stored transposed (b =
+    weight.t() of a linear layer, stride(0) == 1) as (y^T @ x^T)^T, the same fp32 sums, so that the gradient
+    reaching a contiguous weight is contiguous and AccumulateGrad has nothing to copy."""
+    if like.dim() == 2 and like.stride(0) == 1 and like.stride(1) != 1:
+        return gemm(y.t(), x.t()).t()
+    return gemm(x, y)
+
+
+def _backward_on(gemm):
+    """The backward of matmul(a, b, bias, out_dtype) with its GEMMs on `gemm`, the op itself: the forward's kernels
+    (fp32 accumulation, one rounding), called without the public wrapper's argument checks: the saved inputs
+    passed them, and the checks' Tensor.layout is not allowed where torch.compile traces a backward.
+
+    grad_a = grad @ b^T and grad_b = a^T @ grad over all batch rows, in a's dtype; grad_bias = the fp32 sum of
+    grad over all but the last dim, rounded once to bias's dtype. The GEMMs take fp16/bf16 operands of one dtype,
+    so a grad of another dtype (out_dtype != a's dtype, fp32 say) is first rounded to a's dtype: grad_a and grad_b
+    carry that rounding (half an ulp of each grad element) on top of their own; grad_bias sums grad as it came."""
+
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        # the dispatcher drops trailing arguments left at their defaults: needs_input_grad may stop after b
+        need_a, need_b = ctx.needs_input_grad[:2]
+        g = grad.to(a.dtype)
+        grad_a = _in_layout_of(a, gemm, g, b.t()) if need_a else None
+        grad_b = _in_layout_of(b, gemm, a.reshape(-1, a.shape[-1]).t(), g.reshape(-1, g.shape[-1])) if need_b else None
+        grad_bias = None
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = torch.sum(grad, tuple(range(grad.dim() - 1)), dtype=torch.float32).to(ctx.bias_dtype)
+        return grad_a, grad_b, grad_bias, None
+
+    return backward
+
+
+def _register(op) -> None:
+    """Shape inference and autograd of an op with the schema of mixprec::matmul."""
+    torch.library.register_fake(op, _fake_matmul)
+    torch.library.register_autograd(op, _backward_on(op), setup_context=_setup_context)
+
+
+_register(torch.ops.mixprec.matmul_triton.default)
+
+if _ext.available():
+    _register(torch.ops.mixprec.matmul.default)
 
     @torch.library.register_fake("mixprec::matmul_accumulate_")
     def _(c, a, b):
         return None
-
-
-def selftest_cases(device: str) -> list:
-    """`python -m mixprec selftest` checks of matmul and matmul_accumulate_: every backend on `device`, fp16 and
-    bf16, odd and transposed shapes, batched inputs, bias and out_dtype, against mixprec.reference (computed on
-    the CPU in fp32) within mixprec.testing.GEMM_TOL, the bounds tests/test_gemm.py uses."""
-    import functools
-
-    from mixprec.selftest import Case, backends
-
-    # (batch, M, N, K, a transposed, b transposed): the shapes of tests/test_gemm.py that reach every edge path
-    shapes = [((), 1, 7, 127, False, False), ((), 127, 129, 65, True, False), ((), 129, 127, 31, True, True),
-              ((), 1, 33, 1000, False, True), ((2, 3), 7, 40, 24, False, True)]
-    if device == "cuda":  # several tiles with ragged edges, and the autotuner's pick (too slow for the interpreter)
-        shapes.append(((), 777, 1000, 1029, False, True))
-    # (bias dtype or None, out_dtype or None); "same" = the operands' dtype
-    epilogues = [("same", None), (torch.float32, torch.float32), (torch.float32, "other half")]
-    cases, seen = [], set()
-    for b in backends(device):
-        # the CPU op calls torch's fp32 GEMM whatever MIXPREC_CPU_SIMD says: one CPU check, not one per SIMD level
-        if b.name in seen:
-            continue
-        seen.add(b.name)
-        label = "cpu" if b.name == "cpu" else b.label
-        for dtype in HALF_DTYPES:
-            name = str(dtype).removeprefix("torch.")
-            for seed, (batch, m, n, k, ta, tb) in enumerate(shapes):
-                shape = "x".join(map(str, (*batch, m, n, k))) + (" aT" if ta else "") + (" bT" if tb else "")
-                check = functools.partial(_check_matmul, b.name, device, dtype, batch, m, n, k, ta, tb, None, None,
-                                          seed)
-                cases.append(Case("matmul", label, name, f"{shape} (batch x M x N x K)", check, b.env))
-            for seed, (bias, out) in enumerate(epilogues, start=len(shapes)):
-                other = torch.bfloat16 if dtype == torch.float16 else torch.float16
-                bias_dtype = dtype if bias == "same" else bias
-                out_dtype = other if out == "other half" else out
-                check = functools.partial(_check_matmul, b.name, device, dtype, (), 65, 70, 48, False, True,
-                                          bias_dtype, out_dtype, seed)
-                what = f"65x70x48 bias {str(bias_dtype).removeprefix('torch.')}"
-                what += f", out {str(out_dtype).removeprefix('torch.')}" if out_dtype else ""
-                cases.append(Case("matmul", label, name, what, check, b.env))
-            check = functools.partial(_check_accumulate, b.name, device, dtype, 99)
-            cases.append(Case("matmul_accumulate_", label, name, "129x65x100 aT (dW = dY^T X) into fp32", check,
-                              b.env))
-    return cases
-
-
-def _selftest_operands(device, dtype, batch, m, n, k, ta, tb, seed):
-    gen = torch.Generator().manual_seed(seed)
-
-    def make(rows, cols, transposed, lead=()):
-        if transposed:  # the same values stored transposed: a view with unit stride along rows
-            return torch.randn(*lead, cols, rows, generator=gen).to(dtype).to(device).transpose(-1, -2)
-        return torch.randn(*lead, rows, cols, generator=gen).to(dtype).to(device)
-
-    return make(m, k, ta, batch), make(k, n, tb), gen
-
-
-def _check_matmul(backend, device, dtype, batch, m, n, k, ta, tb, bias_dtype, out_dtype, seed) -> str:
-    from mixprec.testing import GEMM_TOL, assert_max_rel_err
-
-    a, b, gen = _selftest_operands(device, dtype, batch, m, n, k, ta, tb, seed)
-    bias = None if bias_dtype is None else torch.randn(n, generator=gen).to(bias_dtype).to(device)
-    out = matmul(a, b, bias=bias, out_dtype=out_dtype, backend=backend)
-    # the spec, unrounded (fp32 out) and on the CPU, so that a GPU's TF32 setting cannot touch it
-    ref = reference.matmul(a.cpu(), b.cpu(), None if bias is None else bias.cpu(), torch.float32)
-    want = out_dtype or dtype
-    assert out.dtype == want, f"out dtype {out.dtype}, expected {want}"
-    assert out.device == a.device, f"out on {out.device}, expected {a.device}"
-    err = assert_max_rel_err(out.cpu(), ref, GEMM_TOL[want], f"{backend} matmul vs reference")
-    return f"max rel. error {err:.1e} (tol {GEMM_TOL[want]:g})"
-
-
-def _check_accumulate(backend, device, dtype, seed) -> str:
-    from mixprec.testing import GEMM_TOL, assert_max_rel_err
-
-    a, b, gen = _selftest_operands(device, dtype, (), 129, 65, 100, True, False, seed)
-    c = torch.randn(129, 65, generator=gen).to(device)
-    expected = c.cpu().clone()
-    reference.matmul_accumulate_(expected, a.cpu(), b.cpu())
-    ptr = c.data_ptr()
-    matmul_accumulate_(c, a, b, backend=backend)
-    assert c.data_ptr() == ptr and c.dtype == torch.float32, "c was not updated in place"
-    err = assert_max_rel_err(c.cpu(), expected, GEMM_TOL[torch.float32], f"{backend} matmul_accumulate_ vs reference")
-    return f"max rel. error {err:.1e} (tol {GEMM_TOL[torch.float32]:g})"
