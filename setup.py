@@ -2,20 +2,27 @@
 
 The CUDA part is built when torch has CUDA and a toolkit is found (CUDA_HOME, else /usr/local/cuda);
 MIXPREC_FORCE_CPU=1 builds the CPU part only (fast local iteration). Sources are globbed: adding an op
-means adding files under csrc/, never editing this file.
+means adding files under csrc/, never editing this file. The C++ standard, the default architectures
+(TORCH_CUDA_ARCH_LIST overrides them) and the compiler flags are csrc/build_settings.json's, which
+CMakeLists.txt and the static tests read too.
 """
 import glob
+import json
 import os
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(ROOT, "csrc", "build_settings.json")) as f:
+    SETTINGS = json.load(f)
+STD = f"-std=c++{SETTINGS['cxx_standard']}"
 
 # torch.utils.cpp_extension reads CUDA_HOME when imported, and without it guesses from the nvcc on PATH
 # (here a wrapper in /usr/local/bin, which sends the link looking for /usr/local/lib64/libcudart).
 if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # A100, H100
+# the default architectures as TORCH_CUDA_ARCH_LIST spells them: "8.0;9.0" (A100, H100)
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(f"{a // 10}.{a % 10}" for a in SETTINGS["cuda_architectures"]))
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
@@ -34,7 +41,7 @@ def _want_cuda():
 def _extension():
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     # Portable x86-64 code; the AVX2 kernels carry their own target attribute and are picked at run time.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden", "-DMIXPREC_PYTHON_MODULE"]
+    cxx = [STD, *SETTINGS["cxx_flags"], "-DMIXPREC_PYTHON_MODULE"]
     cpu_sources = _sources("*.cpp", "cpu/*.cpp")
     if not _want_cuda():
         return CppExtension("mixprec._C", cpu_sources, include_dirs=include_dirs,
@@ -42,7 +49,7 @@ def _extension():
     archs = ",".join("sm_" + a.replace(".", "").replace("+PTX", "")
                      for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";") if a)
     defines = ["-DMIXPREC_WITH_CUDA", f'-DMIXPREC_CUDA_ARCHS="{archs}"']
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = [STD, *SETTINGS["nvcc_flags"]]
     return CUDAExtension("mixprec._C", cpu_sources + _sources("cuda/*.cpp", "cuda/*.cu"),
                          include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},
@@ -50,7 +57,8 @@ def _extension():
 
 
 setup(
-    packages=["mixprec", "mixprec.ops", "mixprec.kernels", "mixprec.benchmarks", "mixprec.examples"],
+    packages=["mixprec", "mixprec.ops", "mixprec.amp", "mixprec.tools", "mixprec.kernels", "mixprec.benchmarks",
+              "mixprec.examples"],
     package_dir={"mixprec": "mixprec", "mixprec.kernels": "kernels", "mixprec.benchmarks": "benchmarks",
                  "mixprec.examples": "examples"},
     ext_modules=[_extension()],
