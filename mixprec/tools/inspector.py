@@ -38,6 +38,8 @@ GPUS = {
     "A100": {"arch": 80, "tflops": 312.0, "tbps": 2.0, "name": "A100 (fp16 dense 312 TFLOP/s, 2.0 TB/s)"},
     "H100 SXM": {"arch": 90, "tflops": 989.0, "tbps": 3.35, "name": "H100 SXM (fp16 dense 989 TFLOP/s, 3.35 TB/s)"},
 }
+# The GPUs this command models (SM_LIMITS, GPUS). What the extension itself is built for is
+# csrc/build_settings.json's (`python -m mixprec info` shows it); an installed package has no csrc/ to read.
 ARCHS = (80, 90)
 
 
