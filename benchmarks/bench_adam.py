@@ -7,7 +7,11 @@ back to fp16), torch.optim.AdamW(fused=True) on fp32 params of the same count (a
 DeepSpeed's CPUAdam when importable. The layer list is GPT-2's (768 wide; 2 blocks, 14.2M params): the state
 (~230 MB) is far out of the 32 MB L3, so every step streams from memory.
 
-GB/s is computed from the 28 bytes per param the job must move, for every row. The ceiling is mixprec's
+GPU: every mode of the kernel (GPU_MODES: fp32, fp16/bf16 with masters, fp16/bf16 without, bf16 with stochastic
+rounding) on the CUDA and Triton backends, against torch.optim.AdamW(fused=True) on fp32 params and apex's FusedAdam
+when importable, each row judged against a device copy of the bytes its mode moves.
+
+CPU: GB/s is computed from the 28 bytes per param the job must move, for every row. The ceiling is mixprec's
 streaming kernel with Adam's arrays (benchmarks/ceiling.py) at the same working-set size, timed in the same
 rounds as ours and the peers.
 """
@@ -25,6 +29,18 @@ from mixprec.optim import FusedAdamW
 
 OP = "adam_step_"
 BYTES_PER_PARAM = 28  # fp16 params with fp32 masters; also torch fused AdamW on fp32 params
+# GPU: every mode of the kernel, by mixprec.testing.VARIANTS name: (param dtype, FusedAdamW arguments, bytes moved
+# per param). With masters: read grad 2, master 4, m 4, v 4, write master 4, m 4, v 4, param 2 (28 B); fp32 reads
+# param, grad, m, v and writes param, m, v (28 B); half params without masters read param, grad, m, v and write
+# param, m, v (22 B).
+GPU_MODES = {
+    "fp32": (torch.float32, {}, 28),
+    "fp16-master": (torch.float16, {}, 28),
+    "bf16-master": (torch.bfloat16, {}, 28),
+    "fp16": (torch.float16, {"master_weights": False}, 22),
+    "bf16": (torch.bfloat16, {"master_weights": False}, 22),
+    "bf16-sr": (torch.bfloat16, {"master_weights": False, "stochastic_rounding": True}, 22),
+}
 
 
 def gpt2_shapes(width: int = 768, blocks: int = 2) -> list[tuple[int, ...]]:
@@ -131,11 +147,8 @@ def _gpu(quick: bool) -> list[dict]:
     from mixprec.benchmarks.timing import measure_gpu
 
     shapes = gpt2_shapes(1024, 4 if quick else 24)
-    params = [torch.nn.Parameter(torch.randn(s, device="cuda").half()) for s in shapes]
-    n = sum(p.numel() for p in params)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    params32 = [torch.nn.Parameter(p.detach().float()) for p in params]
+    params32 = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+    n = sum(p.numel() for p in params32)
     for p in params32:
         p.grad = torch.randn_like(p)
     fused32 = torch.optim.AdamW(params32, lr=1e-3, fused=True)
@@ -148,18 +161,24 @@ def _gpu(quick: bool) -> list[dict]:
         note = ""
     except ImportError:
         note = "apex not installed"
-    work = BYTES_PER_PARAM * n
-    ceiling = cuda_copy_gbps(work // 2, work // 2, quick=quick)
     backends = (["cuda"] if _ext.has_cuda_kernels() else []) + (["triton"] if _backend.triton_available() else [])
     rows = []
-    for backend in backends:
-        opt = FusedAdamW(params, lr=1e-3, backend=backend)
-        opt.step()
-        rows.append(row(op=OP, backend=backend, device="cuda", shape=f"GPT-2 1024-wide blocks: {n / 1e6:.1f}M params",
-                        dtype="float16 + fp32 masters", timing=measure_gpu(opt.step, quick=quick), unit="GB/s",
-                        work=work, ceiling=ceiling.gbps, peers=peers,
-                        notes="; ".join(x for x in ["FusedAdamW.step(); ceiling: device copy of the same bytes", note]
-                                        if x)))
+    for mode, (dtype, kwargs, bytes_per_param) in GPU_MODES.items():
+        params = [torch.nn.Parameter(p.detach().to(dtype)) for p in params32]
+        for p, p32 in zip(params, params32):
+            p.grad = p32.grad.to(dtype)
+        work = bytes_per_param * n
+        ceiling = cuda_copy_gbps(work // 2, work // 2, quick=quick)
+        for backend in backends:
+            opt = FusedAdamW(params, lr=1e-3, backend=backend, **kwargs)
+            opt.step()
+            rows.append(row(op=OP, backend=backend, device="cuda",
+                            shape=f"GPT-2 1024-wide blocks: {n / 1e6:.1f}M params", dtype=mode,
+                            timing=measure_gpu(opt.step, quick=quick), unit="GB/s", work=work, ceiling=ceiling.gbps,
+                            peers=peers, notes="; ".join(x for x in [f"FusedAdamW.step(), {bytes_per_param} B/param; "
+                                                                   "ceiling: device copy of the same bytes", note]
+                                                           if x)))
+        del params
     return rows
 
 

@@ -61,12 +61,16 @@ def _cpu(quick: bool) -> list[dict]:
 
 
 def _shapes(quick: bool) -> list[tuple[str, int, int, int]]:
-    from mixprec.kernels.gemm import LLM_SHAPES
+    """GPU shapes: --quick is 4096^3 and the LLM layer shapes (each a few ms on a GPU); a full run adds the other
+    squares up to 8192^3."""
+    from mixprec.tools.kernel_specs import LLM_SHAPES
 
     if reduced():
         return [("square 256^3", 256, 256, 256)]
-    square = [(f"square {n}^3", n, n, n) for n in ((1024, 2048, 4096) if quick else (1024, 2048, 4096, 8192))]
-    return square + ([] if quick else [s for s in LLM_SHAPES if not s[0].startswith("square")])
+    if quick:
+        return list(LLM_SHAPES)
+    square = [(f"square {n}^3", n, n, n) for n in (1024, 2048, 4096, 8192)]
+    return square + [s for s in LLM_SHAPES if not s[0].startswith("square")]
 
 
 def _gpu(quick: bool) -> list[dict]:
