@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CMAKE_BUILD ?= cmake-build
 BENCH_OUT ?= bench-results
 
-.PHONY: setup build lint test test-python test-cpp bench clean
+.PHONY: setup build lint test test-python test-cpp bench gpu-wheels clean
 
 setup: $(VENV)/.deps-installed
 
@@ -34,6 +34,12 @@ test: lint test-cpp test-python
 
 bench: build
 	$(PY) -m mixprec bench --quick --output $(BENCH_OUT)
+
+# Test dependencies the lent GPU machine lacks (Python 3.12, x86-64, no network), installed by tools/gpu_check.sh.
+gpu-wheels: setup
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+		-d .gpu-wheels $$(grep -E '^(hypothesis|sortedcontainers|packaging)==' \
+		requirements-dev.txt) sortedcontainers==2.4.0
 
 clean:
 	rm -rf build $(CMAKE_BUILD) mixprec/*.so *.egg-info

@@ -37,6 +37,8 @@ SMEM_ALLOC_UNIT = 128
 GPUS = {
     "A100": {"arch": 80, "tflops": 312.0, "tbps": 2.0, "name": "A100 (fp16 dense 312 TFLOP/s, 2.0 TB/s)"},
     "H100 SXM": {"arch": 90, "tflops": 989.0, "tbps": 3.35, "name": "H100 SXM (fp16 dense 989 TFLOP/s, 3.35 TB/s)"},
+    # the lent GPU machine's: the H100's SM at 4.8 TB/s of HBM3e
+    "H200": {"arch": 90, "tflops": 989.0, "tbps": 4.8, "name": "H200 (fp16 dense 989 TFLOP/s, 4.8 TB/s)"},
 }
 # The GPUs this command models (SM_LIMITS, GPUS). What the extension itself is built for is
 # csrc/build_settings.json's (`python -m mixprec info` shows it); an installed package has no csrc/ to read.

@@ -116,6 +116,8 @@ def run_cases(cases: list[Case], stream=sys.stdout) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present, else cpu")
     p.add_argument("--no-bench", action="store_true", help="skip the benchmark table")
+    p.add_argument("--op", action="append", help="only the checks of this op (repeatable), e.g. matmul")
+    p.add_argument("--backend", action="append", help="only the checks of this backend label (repeatable), e.g. cuda")
 
 
 def main(args) -> int:
@@ -131,6 +133,7 @@ def main(args) -> int:
     # numpy, under the interpreter, warns about the inf and NaN the checks plant on purpose
     warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
     cases, unchecked = collect_cases(device)
+    cases = [c for c in cases if (not args.op or c.op in args.op) and (not args.backend or c.backend in args.backend)]
     if unchecked:
         names = ", ".join(f"mixprec.ops.{u}" for u in unchecked)
         print(f"note: not checked here, no cases in mixprec/tools/selftest_cases.py for: {names}", flush=True)
