@@ -17,7 +17,20 @@ import triton.language as tl
 
 from ._rounding import round_to, to_float32
 
-BLOCK = 1024
+# note: why BLOCK = 512 on 4 warps: 4 elements per thread, so every fp32 stream (m, v, max_v, master: 24 of the 28
+# bytes per param that fp16 params with fp32 masters move) is one 16-byte LDG.E.128/STG.E.128 per thread, and the
+# fp16/bf16 grad and param are 8-byte LDG.E.64/STG.E.64, which still cover 256 contiguous bytes (whole 32-byte
+# sectors) per warp. Little's law: ~600-800 ns latency x 2.0 TB/s / 108 SMs (A100) = 11-15 KB, x 3.35 TB/s / 132
+# SMs (H100) = 15-20 KB in flight per SM. At 40-44 registers (48-56 when n is not 16-divisible and the accesses
+# are element-wise) 9-12 blocks of 4 warps fit per SM (56-75% occupancy): >= 1152 threads x 4 elements x 12-18 B
+# read per element = 55-83 KB of loads in flight per SM, 3-5x H100's figure. 8 elements per thread (the former
+# 1024 on 4 warps, which made the half accesses 16 bytes too) took 72 registers vectorized (44%) and 92-151
+# element-wise (19-31%): Triton gives the half loads 8 elements per thread and the fp32 stores 4 and converts
+# between the two through 4 KB of shared memory; maxnreg=64 spills. Every warp computes the fp64 coefficients
+# (~150 fp64 instructions, per 128 elements here) whatever BLOCK is; BLOCK only sets how many programs run, and
+# with no reduction in the kernel the results do not depend on it.
+BLOCK = 512
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -145,7 +158,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, *, max_exp_avg_sqs, 
                 max(sr_seed, 0), i,
                 MASTER=master, AMSGRAD=amsgrad, DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize),
                 HAS_WD=weight_decay != 0, HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
-                HAS_CLIP=clip_coef is not None, STOCHASTIC=stochastic, BLOCK=BLOCK, enable_fp_fusion=False)
+                HAS_CLIP=clip_coef is not None, STOCHASTIC=stochastic, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                enable_fp_fusion=False)
     # the step counts, after every tensor has read its own; kept on the device (no sync)
     if found_inf is None:
         torch._foreach_add_(steps, 1.0)

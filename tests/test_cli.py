@@ -177,17 +177,44 @@ def inspect_json():
 
 def test_inspect_reports_unscale_kernels(inspect_json):
     triton_unscale = [k for k in inspect_json["kernels"] if k["source"] == "triton" and "unscale" in k["kernel"]]
+    from mixprec.tools.kernel_specs import aot_specs
+
+    specs = aot_specs("unscale")
     assert {k["arch"] for k in triton_unscale} == {80, 90}
-    assert len(triton_unscale) == 6  # fp32, fp16, bf16 for two archs
+    assert len(triton_unscale) == 12 == 2 * len(specs)  # fp32, fp16, bf16 x (n 16-divisible or not) for two archs
     for k in inspect_json["kernels"]:
         assert not k["spills"] and k["local_bytes"] == 0, f"{k['kernel']} sm_{k['arch']} spills"
+    threads = {32 * s["options"]["num_warps"] for s in specs}
     for k in triton_unscale:
-        assert 0 < k["regs"] <= 255 and k["smem_bytes"] >= 0 and k["threads"] == 128
+        assert 0 < k["regs"] <= 255 and k["smem_bytes"] >= 0 and {k["threads"]} == threads
         assert 0 < k["occupancy"] <= 1
     if _ext.has_cuda_kernels():
         cuda_unscale = [k for k in inspect_json["kernels"] if k["source"] == "cuda" and "unscale" in k["kernel"]]
         assert {k["arch"] for k in cuda_unscale} == {80, 90} and all(k["regs"] > 0 for k in cuda_unscale)
         assert all(k["threads"] and 0 < k["occupancy"] <= 1 for k in cuda_unscale)
+
+
+def test_inspect_memory_bound_kernels_at_half_occupancy(inspect_json):
+    # every kernel but the GEMMs streams memory: each must keep at least half the SM's warp slots filled (enough
+    # bytes in flight to cover the latency, see the notes beside the launch constants) without spilling
+    from mixprec.tools.kernel_specs import aot_specs, modules
+
+    streaming = [k for k in inspect_json["kernels"] if "gemm" not in k["kernel"]]
+    triton = [k for k in streaming if k["source"] == "triton"]
+    expected = sorted((s["config"], arch) for m in modules() if m != "gemm" for s in aot_specs(m) for arch in (80, 90))
+    assert sorted((k["config"], k["arch"]) for k in triton) == expected
+    names = {k["kernel"].split(" (")[0] for k in streaming}
+    assert {"_unscale_kernel", "_adam_kernel"} <= names
+    if _ext.has_cuda_kernels():
+        cuda = [k for k in streaming if k["source"] == "cuda"]
+        assert {"unscale_kernel", "adam_kernel", "count_steps_kernel", "sum_into_kernel"} <= names
+        assert {k["arch"] for k in cuda} == {80, 90} and len(cuda) == 2 * len({k["kernel"] for k in cuda})
+    for k in streaming:
+        where = f"{k['source']} {k['kernel']} {k['config']} sm_{k['arch']}"
+        assert not k["spills"] and k["local_bytes"] == 0 and k["stack_bytes"] == 0, f"{where} spills"
+        assert k["occupancy"] is not None and k["occupancy"] >= 0.5, (
+            f"{where}: {k['regs']} registers, {k['threads']} threads: occupancy {k['occupancy']} "
+            f"({k['occupancy_limiter']}) below 50%")
 
 
 def test_inspect_names_cuda_instances_in_words(inspect_json):

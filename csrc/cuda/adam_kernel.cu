@@ -8,9 +8,14 @@
 namespace mixprec::cuda {
 namespace {
 
+// note: why 512 threads and 8 elements per thread: one 16-byte load of a half buffer and two of each fp32 one per
+// thread and iteration, 96-160 B in flight per thread (by dtype, masters and amsgrad). Little's law wants ~600-800 ns
+// x 2.0 TB/s / 108 SMs (A100) = 11-15 KB, x 3.35 TB/s / 132 SMs (H100) = 15-20 KB in flight per SM; the 2 blocks
+// that fit at 47-59 registers (50% occupancy) give 1024 threads x 96-160 B = 96-160 KB, several times that, so a
+// third block would buy nothing. Above 64 registers it would be 1 block (25%), which the occupancy test in
+// tests/test_cli.py catches. __launch_bounds__(kThreads, 2) is not used: it makes ptxas spend its 64-register
+// budget (52-62 registers, other SASS) for no gain in occupancy.
 constexpr int kThreads = 512;
-// note: 8 elements per thread and iteration: one 16-byte load of a half buffer, two of an fp32 one, and
-// enough independent loads in flight per thread to approach the memory bandwidth.
 constexpr int kILP = 8;
 static_assert(sizeof(TensorListMeta<7>) <= 4096, "kernel args too large");
 static_assert(kChunkSize % kILP == 0, "chunk starts must stay 16-byte aligned");
@@ -124,12 +129,18 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = tail + threadIdx.x; i < end; i += kThreads) update_one(i);
 }
 
-constexpr int kCountThreads = 32;
+// note: why one block of 128 threads per launch, a thread per step count: the kernel moves 8 bytes per tensor, so
+// it is bound by its launch, not by bandwidth; a block per tensor (the former 32-thread blocks with one thread
+// working) put 1 warp per block, at most 50% occupancy (32 blocks per SM), and launched as many blocks as tensors.
+// A launch holds at most ListCapacity<1>::tensors (110) tensors of one chunk each; the loop covers any number.
+constexpr int kCountThreads = 128;
 
 __global__ void __launch_bounds__(kCountThreads)
-    count_steps_kernel(TensorListMeta<1> meta, const float* __restrict__ found_inf) {
+    count_steps_kernel(TensorListMeta<1> meta, int n_counts, const float* __restrict__ found_inf) {
   if (found_inf != nullptr && *found_inf != 0.f) return;
-  if (threadIdx.x == 0) *static_cast<float*>(meta.addr[0][meta.block_tensor[blockIdx.x]]) += 1.f;
+  // a step count is one element: one chunk, so chunk b of this launch is tensor slot meta.block_tensor[b]
+  for (int b = threadIdx.x; b < n_counts; b += kCountThreads)
+    *static_cast<float*>(meta.addr[0][meta.block_tensor[b]]) += 1.f;
 }
 
 template <DType T, bool kMaster, bool kAmsgrad, bool kDecoupled, bool kStochastic>
@@ -172,7 +183,7 @@ void launch_adam_count_steps(int64_t n_tensors, void* const* steps, const float*
   multi_tensor_apply<1>(
       n_tensors, lists, ones.data(), index.data(), 0,
       [&](const TensorListMeta<1>& meta, int n_blocks) {
-        count_steps_kernel<<<n_blocks, kCountThreads, 0, stream>>>(meta, found_inf);
+        count_steps_kernel<<<1, kCountThreads, 0, stream>>>(meta, n_blocks, found_inf);
       },
       err);
 }

@@ -27,21 +27,25 @@ LLM_SHAPES = [
 def _unscale_specs() -> list[dict]:
     from mixprec.kernels import unscale
 
-    # n compiles as i32 below 2^31 elements, what nearly every gradient is; offsets are int64 regardless.
+    # n compiles as i32 below 2^31 elements, what nearly every gradient is; offsets are int64 regardless. The JIT
+    # specializes n on 16-divisibility: a 16-divisible n (every gradient of GPT-2 and LLaMA-like models) gets the
+    # 16-byte vector accesses, any other n element-wise ones; both are compiled.
     return [
-        {"kernel": unscale._unscale_kernel, "config": f"{name}, BLOCK={unscale.BLOCK}",
+        {"kernel": unscale._unscale_kernel, "config": f"{name}, {'n%16==0' if n16 else 'any n'}, BLOCK={unscale.BLOCK}",
+         "n16": n16,
          "signature": {"g_ptr": f"*{name}", "n": "i32", "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
                        "tensor_flag_ptr": "*fp32", "partial_ptr": "*fp32", "BLOCK": "constexpr"},
-         "constexprs": {"BLOCK": unscale.BLOCK}, "options": {"num_warps": 4},
+         "constexprs": {"BLOCK": unscale.BLOCK}, "options": {"num_warps": unscale.NUM_WARPS},
          # per_tensor_inf[i:i + 1] (tensor_flag_ptr) is any element of a tensor: not 16-byte aligned
-         "aligned": ["g_ptr", "inv_scale_ptr", "found_inf_ptr", "partial_ptr"]}
-        for name in ("fp32", "fp16", "bf16")
+         "aligned": ["g_ptr", "inv_scale_ptr", "found_inf_ptr", "partial_ptr"] + (["n"] if n16 else [])}
+        for name in ("fp32", "fp16", "bf16") for n16 in (True, False)
     ]
 
 
 def _adam_specs() -> list[dict]:
     """The fused-AdamW specializations: fp16 params with fp32 masters, or bf16 params with stochastic rounding,
-    all optional inputs present."""
+    all optional inputs present; each for a 16-divisible n (vector accesses) and for any other n (element-wise), as
+    the JIT specializes n."""
     from mixprec.kernels import adam
 
     specs = []
@@ -55,11 +59,15 @@ def _adam_specs() -> list[dict]:
                      "found_ptr": "*fp32", "clip_ptr": "*fp32", "hyper_ptr": "*fp64", "n": "i32", "beta1_f": "fp32",
                      "one_minus_beta1_f": "fp32", "beta2_f": "fp32", "one_minus_beta2_f": "fp32", "eps_f": "fp32",
                      "wd_f": "fp32", "seed": "i32", "stream": "i32", **{k: "constexpr" for k in flags}}
-        specs.append({"kernel": adam._adam_kernel, "config": f"{variant}, BLOCK={adam.BLOCK}", "variant": variant,
-                      "signature": signature, "constexprs": flags, "options": {"enable_fp_fusion": False},
-                      # the six per-element streams are whole tensors (16-byte aligned); the scalars' pointers
-                      # need not be
-                      "aligned": ["p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "w_ptr"]})
+        for n16 in (True, False):
+            specs.append({"kernel": adam._adam_kernel, "variant": variant, "n16": n16,
+                          "config": f"{variant}, {'n%16==0' if n16 else 'any n'}, BLOCK={adam.BLOCK}",
+                          "signature": signature, "constexprs": flags,
+                          "options": {"num_warps": adam.NUM_WARPS, "enable_fp_fusion": False},
+                          # the six per-element streams are whole tensors (16-byte aligned); the scalars' pointers
+                          # need not be
+                          "aligned": ["p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "w_ptr",
+                                      *(["n"] if n16 else [])]})
     return specs
 
 
