@@ -244,11 +244,13 @@ def test_inspect_reports_gemm_kernels(inspect_json):
 
 def test_inspect_roofline_is_a_labelled_prediction(inspect_json):
     rows = [r for r in inspect_json["roofline"] if r["op"] == "unscale_and_check_"]
-    assert {r["gpu"] for r in rows} == {"A100", "H100 SXM"}
+    assert {r["gpu"] for r in rows} == {"A100", "H100 SXM", "H200"}
     for r in rows:
         assert r["bound"] == "memory" and _positive_finite(r["predicted_ms"])
     a100 = next(r for r in rows if r["gpu"] == "A100")
     assert a100["predicted_gbps"] == pytest.approx(2000)  # memory-bound: exactly the published bandwidth
+    h200 = next(r for r in rows if r["gpu"] == "H200")
+    assert h200["predicted_gbps"] == pytest.approx(4800)
     assert "prediction" in inspect_json["prediction_note"]
 
 
