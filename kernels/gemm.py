@@ -12,18 +12,13 @@ the same math the tensor cores do (exact products, fp32 sums) up to summation or
 change the instruction (tf32/fp32 mma instead of bf16 mma), which is why it is keyed on interpret mode. fp16
 ``tl.dot`` is correct in the interpreter and is left alone.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from mixprec._backend import triton_interpreter_enabled as interpreting
+
 from ._rounding import round_to, to_float32
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 # Only configs whose sm_80 and sm_90 builds are spill-free (tests/test_gemm_static.py checks every one, through the
 # AOT specs in mixprec/tools/kernel_specs.py): 128x128 tiles for large GEMMs, 64-row tiles for skinny LLM shapes
