@@ -16,7 +16,8 @@
 #   bench      `python -m mixprec bench --device cuda --quick` (CPU smoke: --device cpu --reduced)
 #   graph      tests/test_cuda_graph.py: a whole scaler + optimizer step captured in a CUDA graph and replayed
 #   memcheck   compute-sanitizer memcheck over the CUDA backend's selftest cases (every CUDA kernel)
-#   racecheck  compute-sanitizer racecheck over the GEMM cases (the kernel that uses shared memory)
+#   racecheck  compute-sanitizer racecheck over the kernels that use shared memory: the GEMM, and unscale's
+#              block reduction of norm_sq (csrc/cuda/multi_tensor.cuh)
 # Then tools/gpu_check_summary.py prints the table: per stage pass/fail/time, and per benchmark row the measured
 # time beside the roofline prediction of `python -m mixprec inspect` for this GPU.
 #
@@ -140,7 +141,7 @@ else
   stage graph 30 "$PY" -m pytest -q --collect-only -p no:cacheprovider tests/test_cuda_graph.py
 fi
 stage memcheck 120 sanitize memcheck
-stage racecheck 60 sanitize racecheck --op matmul --op matmul_accumulate_
+stage racecheck 60 sanitize racecheck --op matmul --op matmul_accumulate_ --op unscale_and_check_
 
 "$PY" tools/gpu_check_summary.py "$OUT" --mode "$MODE" | tee "$OUT/summary.txt"
 exit "${PIPESTATUS[0]}"
