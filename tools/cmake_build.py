@@ -1,12 +1,11 @@
 """Configure and build CMakeLists.txt against the pip-installed torch (used by `make test-cpp` and CI).
 
-Encodes what the build machines need: torch's CMake prefix, TORCH_CUDA_ARCH_LIST at
-configure time (else torch's cmake adds compute_50, which nvcc 13 refuses), the toolkit's nvcc, and the
-nvrtc library from the nvidia wheels. The CUDA part is built when torch has CUDA and nvcc is found.
-TORCH_CUDA_ARCH_LIST defaults to the architectures of csrc/build_settings.json, as in setup.py.
+Encodes what the build machines need: torch's CMake prefix, the toolkit's nvcc, and the nvrtc library from the
+nvidia wheels. The CUDA part is built when torch has CUDA and nvcc is found. (The architectures, and the
+TORCH_CUDA_ARCH_LIST that torch's cmake needs at configure time, come from csrc/build_settings.json through
+CMakeLists.txt itself.)
 """
 import argparse
-import json
 import os
 import pathlib
 import shutil
@@ -27,9 +26,6 @@ def main() -> int:
     nvcc = pathlib.Path(cuda_home, "bin", "nvcc")
     force_cpu = os.environ.get("MIXPREC_FORCE_CPU", "0") not in ("", "0")
     with_cuda = torch.version.cuda is not None and nvcc.exists() and not force_cpu
-    archs = json.loads((root / "csrc" / "build_settings.json").read_text())["cuda_architectures"]
-    default_archs = ";".join(f"{a // 10}.{a % 10}" for a in archs)  # "8.0;9.0"
-    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", default_archs))
     generator = "Ninja" if shutil.which("ninja") else "Unix Makefiles"
     cmd = ["cmake", "-S", str(root), "-B", args.build_dir, "-G", generator,
            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
@@ -38,8 +34,8 @@ def main() -> int:
         site = pathlib.Path(torch.__file__).resolve().parent.parent
         cmd += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}",
                 f"-DCUDA_nvrtc_LIBRARY={site / 'nvidia' / 'cu13' / 'lib' / 'libnvrtc.so.13'}"]
-    subprocess.run(cmd, check=True, env=env)
-    subprocess.run(["cmake", "--build", args.build_dir, "-j", str(args.jobs)], check=True, env=env)
+    subprocess.run(cmd, check=True)
+    subprocess.run(["cmake", "--build", args.build_dir, "-j", str(args.jobs)], check=True)
     return 0
 
 
