@@ -68,3 +68,37 @@ def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def check_writable(name: str, t: torch.Tensor) -> None:
+    """The checks torch's own in-place ops make before writing into `t`, so that every backend (the extension,
+    Triton, the reference) refuses the same inputs with torch's error types: an inference tensor outside
+    inference mode, and a leaf that requires grad while grad mode is on."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{name} is an inference tensor: an in-place update to it outside InferenceMode is not "
+                           "allowed (clone it, or run under torch.inference_mode())")
+    if t.requires_grad and t.is_leaf and torch.is_grad_enabled():
+        raise RuntimeError(f"{name} is a leaf tensor that requires grad: it cannot be written in place while grad "
+                           "mode is on (run under torch.no_grad())")
+
+
+def check_distinct(name: str, tensors) -> None:
+    """No two entries of a list the op writes share storage bytes: kernels update each entry once, on several
+    threads, so an alias would race (and a repeated tensor would be updated once, not twice)."""
+    seen: dict = {}
+    for i, t in enumerate(tensors):
+        if t is None or t.numel() == 0:
+            continue
+        lo, hi = _byte_range(t)
+        others = seen.setdefault((t.untyped_storage().data_ptr(), t.device), [])
+        for j, olo, ohi in others:
+            if lo < ohi and olo < hi:
+                raise ValueError(f"{name}[{j}] and {name}[{i}] share memory (the same tensor twice, or overlapping "
+                                 "views): each tensor may appear once")
+        others.append((i, lo, hi))
+
+
+def _byte_range(t: torch.Tensor) -> tuple:
+    start = t.storage_offset() * t.element_size()
+    extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0) + 1
+    return start, start + extent * t.element_size()
