@@ -139,8 +139,8 @@ def _fold(x3: torch.Tensor) -> torch.Tensor:
 def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
          accumulate: bool = False) -> torch.Tensor:
     """Launch the kernel for validated inputs: a [..., M, K] and b [K, N] of one half dtype, out [..., M, N]
-    (fp16/bf16/fp32; fp32 and read first when accumulate), bias [N] or None. Any strides on a, b; out must be
-    viewable as [B, M, N] (it is written in place)."""
+    (fp16/bf16/fp32; fp32 and read first when accumulate), bias [N] or None. Any strides on a, b and bias; out
+    must be viewable as [B, M, N] (it is written in place) with no two elements at one address (the caller checks)."""
     M, K = a.shape[-2], a.shape[-1]
     N = b.shape[-1]
     if out.numel() == 0 or (accumulate and K == 0):
@@ -149,6 +149,11 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor
         # no k-loop at all: c = bias (or zeros), rounded once; keeps the kernel free of a K == 0 special case
         out.copy_(bias.float().expand(out.shape) if bias is not None else torch.zeros_like(out))
         return out
+    if bias is not None and N > 1 and bias.stride(0) != 1:
+        # note: the kernel reads the bias at unit stride (one vector load per tile). A strided or expanded [N] view
+        # (stride 0: one stored element) is copied to a contiguous [N] here: N elements, nothing beside the GEMM,
+        # and it keeps the stride (and its int32/int64 question) out of the kernel and its AOT specs.
+        bias = bias.contiguous()
     a3 = _batched(a, M, K)
     out3 = out.view(-1, M, N)
     # One big GEMM over B*M rows keeps the tiles full (batched activations of a linear layer are the usual case).

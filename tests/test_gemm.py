@@ -264,3 +264,100 @@ def test_torch_compile_backward(backend):
     want = torch.autograd.grad(mixprec.ops.matmul(a, b, backend=backend).float().square().sum(), (a, b))
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+# ------------------------------------------------------------------------------------------------ hardening
+
+def _strided_biases(n, dtype, gen):
+    """Biases [n] that are not contiguous: every other element of a longer vector, and one value expanded
+    (stride 0), whose storage holds a single element: a kernel reading bias[i] at offset i reads past it."""
+    wide = make((2 * n,), dtype, gen)
+    one = make((1,), dtype, gen)
+    return {"every other": wide[::2], "expanded": one.expand(n)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,bias_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("kind", ["every other", "expanded"])
+def test_bias_of_any_strides(kind, dtype, bias_dtype, backend):
+    """The bias is read through its own stride (a strided or expanded [N] view is a valid bias, as for torch.addmm),
+    in the forward and in its gradient."""
+    gen = torch.Generator().manual_seed(16)
+    a, b = make((2, 37, 24), dtype, gen), make((24, 70), dtype, gen, True)
+    bias = _strided_biases(70, bias_dtype, gen)[kind]
+    out = mixprec.ops.matmul(a, b, bias=bias, backend=backend)
+    ref = a.double() @ b.double() + bias.double()
+    assert rel_err(out, ref) <= TOL[dtype], f"rel err {rel_err(out, ref):.2e}"
+    # the same through autograd: the grad of a strided bias view reaches its base
+    base = bias._base.detach().clone().requires_grad_()
+    view = base[::2] if kind == "every other" else base.expand(70)
+    grad = make((2, 37, 70), dtype, gen)
+    mixprec.ops.matmul(a, b, bias=view, backend=backend).backward(grad)
+    want = grad.double().sum((0, 1))
+    want = torch.zeros(140, dtype=torch.float64).index_put_((torch.arange(0, 140, 2),), want) if kind == "every other" \
+        else want.sum(0, keepdim=True)
+    assert rel_err(base.grad, want) <= TOL[bias_dtype]
+
+
+def _self_overlapping_outputs(shape):
+    """fp32 outputs of `shape` in which several elements share one memory location."""
+    m, n = shape
+    return {
+        "rows alias (stride 0)": torch.randn(1, n).expand(m, n),
+        "columns alias (stride 0)": torch.randn(m, 1).expand(m, n),
+        "rows overlap (stride 1 < N)": torch.randn(m + n).as_strided((m, n), (1, 1)),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["rows alias (stride 0)", "columns alias (stride 0)", "rows overlap (stride 1 < N)"])
+def test_accumulate_refuses_self_overlapping_c(kind, backend):
+    """c += a @ b into a c whose elements share memory has no defined result (each alias would receive one of
+    several sums, or their sum, depending on the tiling): refused on every backend, and nothing is written."""
+    gen = torch.Generator().manual_seed(17)
+    a, b = make((9, 16), torch.float16, gen), make((16, 5), torch.float16, gen)
+    c = _self_overlapping_outputs((9, 5))[kind]
+    before = c.clone()
+    with pytest.raises(ValueError, match="^c has elements that share memory"):
+        mixprec.ops.matmul_accumulate_(c, a, b, backend=backend)
+    assert torch.equal(c, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accumulate_takes_non_overlapping_c_of_unusual_strides(backend):
+    """A c whose sorted strides do not nest (sizes (2, 3), strides (3, 2): offsets 0 2 4 3 5 7) still writes each
+    element once: accepted, not mistaken for an overlap."""
+    gen = torch.Generator().manual_seed(18)
+    a, b = make((2, 16), torch.float16, gen), make((16, 3), torch.float16, gen)
+    storage = torch.randn(8, generator=gen)
+    c = storage.as_strided((2, 3), (3, 2))
+    gaps = storage[[1, 6]].clone()
+    ref = c.double() + a.double() @ b.double()
+    mixprec.ops.matmul_accumulate_(c, a, b, backend=backend)
+    assert rel_err(c, ref) <= TOL[torch.float32]
+    assert torch.equal(storage[[1, 6]], gaps)  # the two offsets c does not cover stay as they were
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accumulate_refuses_what_torch_refuses_in_place(backend):
+    """c is written in place: an inference tensor (outside inference mode) and a leaf that requires grad (with
+    grad mode on) are refused as torch's own in-place ops refuse them, with RuntimeError, and left unwritten."""
+    gen = torch.Generator().manual_seed(19)
+    a, b = make((9, 16), torch.float16, gen), make((16, 5), torch.float16, gen)
+    with torch.inference_mode():
+        inference = torch.randn(9, 5)
+    leaf = torch.randn(9, 5, requires_grad=True)
+    for c, match in ((inference, "^c is an inference tensor"), (leaf, "^c is a leaf tensor that requires grad")):
+        before = c.detach().clone()
+        with pytest.raises(RuntimeError, match=match):
+            mixprec.ops.matmul_accumulate_(c, a, b, backend=backend)
+        assert torch.equal(c.detach(), before)
+    # where torch allows the write, so does mixprec: inside inference mode, and under no_grad
+    ref = leaf.detach().double() + a.double() @ b.double()
+    with torch.no_grad():
+        mixprec.ops.matmul_accumulate_(leaf, a, b, backend=backend)
+    assert rel_err(leaf.detach(), ref) <= TOL[torch.float32]
+    with torch.inference_mode():
+        ref = inference.double() + a.double() @ b.double()
+        mixprec.ops.matmul_accumulate_(inference, a, b, backend=backend)
+        assert rel_err(inference, ref) <= TOL[torch.float32]
