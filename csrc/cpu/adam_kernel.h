@@ -30,7 +30,8 @@ struct AdamBlock {
   float* exp_avg_scale;      // StateKind::Int8 only
   float* exp_avg_sq_scale;   // StateKind::Int8 only
   int64_t n;
-  int64_t first_index;       // the block's offset in its tensor (a multiple of 8): stochastic rounding draws by it
+  int64_t first_index;       // the block's offset in its tensor: stochastic rounding draws by it. The block never
+                             // straddles a multiple of 2^32 elements (blocks start at multiples of their size)
   uint32_t sr_key;           // sr_key(seed, tensor position, step), stochastic only
 };
 

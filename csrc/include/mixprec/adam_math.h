@@ -151,34 +151,13 @@ MIXPREC_HD void adam_update(AdamSlots<F>& s, const AdamCoeffs<F>& c, const AdamF
   s.param = op_add(s.param, op_div(op_mul(c.neg_step_size, s.exp_avg), denom));
 }
 
-// ---- bit-pattern lanes ----
-//
-// The loads and stores below (remainder masters, int8 states, stochastic rounding) work on fp32 bit patterns.
-// They are written once over F (float, or a vector of floats) and its integer lanes I (uint32_t, or a vector of
-// uint32 lanes): these are the scalar operations, the AVX2 kernels overload every one of them (and the integer
-// operators) for 8 lanes (csrc/cpu/simd_avx2.h). Integer lanes wrap modulo 2^32 and shift logically, as
-// uint32_t does; a mask is all ones (true) or zero per lane; "_i32" operations read the lanes as signed.
-MIXPREC_HD uint32_t op_bits(float f) { return float_bits(f); }
-MIXPREC_HD float op_from_bits(uint32_t u) { return bits_float(u); }
-MIXPREC_HD uint32_t op_mask(bool b) { return b ? 0xffffffffu : 0u; }
-MIXPREC_HD uint32_t op_isnan(float a) { return op_mask((float_bits(a) & 0x7fffffffu) > 0x7f800000u); }
-MIXPREC_HD uint32_t op_lt(float a, float b) { return op_mask(a < b); }   // false when either is NaN
-MIXPREC_HD uint32_t op_ge(float a, float b) { return op_mask(a >= b); }  // false when either is NaN
-MIXPREC_HD float op_abs(float a) { return bits_float(float_bits(a) & 0x7fffffffu); }
-MIXPREC_HD uint32_t op_eqz(uint32_t a) { return op_mask(a == 0u); }
-MIXPREC_HD uint32_t op_select(uint32_t mask, uint32_t a, uint32_t b) { return mask ? a : b; }
-MIXPREC_HD uint32_t op_andnot(uint32_t mask, uint32_t a) { return a & ~mask; }  // a where mask is false, else 0
-MIXPREC_HD uint32_t op_abs_i32(uint32_t a) {
-  const int32_t s = static_cast<int32_t>(a);
-  return static_cast<uint32_t>(s < 0 ? -s : s);
-}
-MIXPREC_HD uint32_t op_max_i32(uint32_t a, uint32_t b) {
-  return static_cast<int32_t>(a) > static_cast<int32_t>(b) ? a : b;
-}
-MIXPREC_HD uint32_t op_min_i32(uint32_t a, int32_t b) { return static_cast<int32_t>(a) < b ? a : static_cast<uint32_t>(b); }
-MIXPREC_HD uint32_t op_max_u32(uint32_t a, uint32_t b) { return a > b ? a : b; }
-
 // ---- where w, m and v live: the variants of the loads and stores ----
+//
+// The loads and stores work on fp32 bit patterns, over F / I lanes (the bit-pattern operations of
+// mixprec/rounding.h), so that the CPU kernel runs this very code on 1 or 8 lanes and the CUDA kernel on one.
+// 16-bit values travel in 32-bit lanes as the high half ("hi16": a bf16's fp32 bits) or, for the remainders, as the
+// low half sign-extended. A store formula takes kMayBeNaN = false only where the caller has checked that no lane
+// holds a NaN (the AVX2 kernel's fast path; the NaN cases are then the same formula's other branch).
 
 // Where the fp32 value of the param (w) is kept between steps.
 enum class MasterKind : int32_t {
@@ -196,29 +175,34 @@ enum class StateKind : int32_t {
 
 // ---- remainder masters (bf16 params) ----
 //
-// The fp32 master u is kept as the bf16 param p = round(u) and the int16 remainder r = low 16 bits of u.
+// The fp32 master u is kept as the bf16 param p = round(u) and the int16 remainder r = the low 16 bits of u.
 // Rounding is to nearest with ties AWAY from zero on the bit pattern: p = (u + 0x8000) >> 16. Then u is exactly
 // (p << 16) + sign_extend(r) modulo 2^32: when the low half was >= 0x8000, p is one more than u's top half
 // and r, read as a negative int16, takes that one back. (Round to nearest even would need a 17th bit to undo
 // at exact ties, which is why ties go away from zero.) A NaN master stores a quiet NaN param, remainder 0.
 
-// The fp32 master from the param's bits (zero-extended) and the remainder (sign-extended to 32 bits).
+// The fp32 master from the param (hi16) and the remainder (sign-extended).
 template <class I>
-MIXPREC_HD auto remainder_join(I param_bits, I remainder) {
-  return op_from_bits((param_bits << 16) + remainder);
+MIXPREC_HD auto remainder_join(I param_hi16, I remainder) {
+  return op_from_bits(param_hi16 + remainder);
 }
 
 template <class I>
 struct RemainderSplit {
-  I param, remainder;  // 16-bit values in 32-bit lanes: the bf16 param's bits, the remainder's bits
+  I param;      // the param's bits in the high half of each lane
+  I remainder;  // the remainder's bits in the low half
 };
 
-template <class F>
+template <bool kMayBeNaN = true, class F>
 MIXPREC_HD auto remainder_split(F w) {
   const auto u = op_bits(w);
-  const auto nan = op_isnan(w);
-  return RemainderSplit<decltype(u)>{op_select(nan, (u >> 16) | 0x40u, (u + 0x8000u) >> 16),
-                                     op_andnot(nan, u & 0xffffu)};
+  using I = decltype(u);
+  if constexpr (kMayBeNaN) {
+    const auto nan = op_isnan(w);
+    return RemainderSplit<I>{op_select(nan, u | 0x00400000u, u + 0x8000u), op_andnot(nan, u)};
+  } else {
+    return RemainderSplit<I>{u + 0x8000u, u};
+  }
 }
 
 // ---- int8 block-wise states ----
@@ -232,24 +216,25 @@ inline constexpr int kInt8Block = 256;
 inline constexpr uint32_t kInt8BiasM = 889, kInt8MaxM = 127;  // value(127) = 1.0, value(1) = 1.25 * 2^-16
 inline constexpr uint32_t kInt8BiasV = 761, kInt8MaxV = 255;  // value(255) = 1.0, value(1) = 1.25 * 2^-32
 
-// m from its code c (int8, sign-extended to 32 bits) and the block's scale.
-template <class I, class F>
-MIXPREC_HD F int8_decode_m(I c, F scale) {
-  const auto k = op_abs_i32(c);
-  const auto bits = op_andnot(op_eqz(k), (k + kInt8BiasM) << 20) | (c & 0x80000000u);
-  return op_mul(op_from_bits(bits), scale);
+// The values are bf16 numbers (their low 16 bits are 0): these give the high 16 bits of sign(c) * value(|c|)
+// (m: c the int8 code sign-extended) and value(k) (v: k the uint8 code), in lanes of 16 bits or more.
+// (op_isign(x, k) with k >= 0 is x, or 0 where k == 0.)
+template <class I>
+MIXPREC_HD I int8_value_hi16_m(I c) {
+  const I k = op_iabs(c);
+  return op_isign((k + kInt8BiasM) << 4, k) | (c & 0x8000u);
+}
+template <class I>
+MIXPREC_HD I int8_value_hi16_v(I k) {
+  return op_isign((k + kInt8BiasV) << 4, k);
 }
 
-// v from its code k (uint8, zero-extended) and the block's scale.
+// The decoded moment from the code's value (int8_value_hi16_*, placed as hi16) and the block's scale.
 template <class I, class F>
-MIXPREC_HD F int8_decode_v(I k, F scale) {
-  return op_mul(op_from_bits(op_andnot(op_eqz(k), (k + kInt8BiasV) << 20)), scale);
+MIXPREC_HD F int8_decode(I value_hi16, F scale) {
+  return op_mul(op_from_bits(value_hi16), scale);
 }
 
-// The code magnitude of x = |value| / scale: round x's bits to nearest even on the 20 dropped bits, which is
-// r = the exponent and top 3 mantissa bits, so k = r - bias; below value(1) (k < 1) the nearest of 0 and
-// value(1), ties up; at most kMax (x can round a hair above 1; NaN x has an all-ones exponent: kMax).
-// note: max(k, near_one) picks the small-x case without a branch: k >= 1 wins, and for k < 1 the 0/1 does.
 // value(1) / 2 as a constant expression (the bits are (1 + bias) << 20, less one in the exponent): a normal
 // fp32 2^(e - 127) * (1 + t / 8) with e, t the top fields of those bits; powers of two multiply exactly.
 constexpr float int8_half_value1(uint32_t bias) {
@@ -259,27 +244,44 @@ constexpr float int8_half_value1(uint32_t bias) {
   return f;
 }
 
-template <uint32_t kBias, uint32_t kMax, class F>
-MIXPREC_HD auto int8_encode_magnitude(F x) {
-  const auto a = op_bits(x) & 0x7fffffffu;
-  const auto r = (a + 0x7ffffu + ((a >> 20) & 1u)) >> 20;
+// The code magnitude of x = |value| * inv, inv = int8_inverse(scale): x's bits rounded to nearest even on the 20
+// dropped bits give r = the exponent and top 3 mantissa bits, so k = r - bias; below value(1) (k < 1) the nearest
+// of 0 and value(1), ties up; at most kMax (x can round a hair above 1; a NaN x has an all-ones exponent: kMax).
+// note: max(k, near_one) picks the small-x case without a branch: k >= 1 wins, and for k < 1 the 0/1 does.
+// kExact = false: the caller knows the block's scale and inv are finite, so x (a product of non-negative finite
+// floats) is in [+0, 1 + 2^-23] and never NaN (|value| <= scale, and scale * RN(1 / scale) <= 1 + 2^-24): then its
+// bits need no sign mask, k <= kMax already, and the bias can be taken off before the shift (an arithmetic shift,
+// exact: bias << 20 is a multiple of 2^20, and nothing overflows).
+template <uint32_t kBias, uint32_t kMax, bool kExact, class F>
+MIXPREC_HD auto int8_code_magnitude(F x) {
   constexpr float kHalfValue1 = int8_half_value1(kBias);
   const auto near_one = op_ge(x, kHalfValue1) & 1u;
-  return op_min_i32(op_max_i32(r - kBias, near_one), static_cast<int32_t>(kMax));
+  if constexpr (kExact) {
+    const auto a = op_bits(x) & 0x7fffffffu;
+    const auto r = (a + 0x7ffffu + ((a >> 20) & 1u)) >> 20;
+    return op_imin(op_imax(r - kBias, near_one), static_cast<int32_t>(kMax));
+  } else {
+    const auto a = op_bits(x);
+    return op_imax(op_sra(a + (0x7ffffu - (kBias << 20)) + ((a >> 20) & 1u), 20), near_one);
+  }
 }
 
-// The int8 code of m (in a 32-bit lane, two's complement) given inv = int8_inverse(scale): -k when m < 0
-// (so -0.0 and NaN encode with a non-negative code).
-template <class F>
+// The int8 code of m in a 32-bit lane (two's complement): -k when m < 0, so -0.0 and NaN get k. (In the
+// !kExact case no m is NaN, and -0.0 has k = 0: the sign bit of m decides alike.)
+template <bool kExact = true, class F>
 MIXPREC_HD auto int8_encode_m(F m, F inv) {
-  const auto k = int8_encode_magnitude<kInt8BiasM, kInt8MaxM>(op_mul(op_abs(m), inv));
-  const auto neg = op_lt(m, 0.f);
-  return (k ^ neg) - neg;
+  const auto k = int8_code_magnitude<kInt8BiasM, kInt8MaxM, kExact>(op_mul(op_abs(m), inv));
+  if constexpr (kExact) {
+    const auto neg = op_lt(m, 0.f);
+    return (k ^ neg) - neg;
+  } else {
+    return op_isign(k, op_bits(m));
+  }
 }
 
-template <class F>
+template <bool kExact = true, class F>
 MIXPREC_HD auto int8_encode_v(F v, F inv) {
-  return int8_encode_magnitude<kInt8BiasV, kInt8MaxV>(op_mul(op_abs(v), inv));
+  return int8_code_magnitude<kInt8BiasV, kInt8MaxV, kExact>(op_mul(op_abs(v), inv));
 }
 
 // The bits whose maximum over a block is its absmax (|x|'s bits order like |x|; NaN above inf).
@@ -296,6 +298,11 @@ MIXPREC_HD float int8_scale(uint32_t max_abs_bits) {
 
 // 1 / scale, one fp32 division; 0 for an all-zero block, so that every code comes out 0 (x = 0 * 0).
 MIXPREC_HD float int8_inverse(float scale) { return scale == 0.f ? 0.f : op_div(1.f, scale); }
+
+// Whether the block may take int8_encode_*<false>: scale and inverse finite.
+MIXPREC_HD bool int8_finite(float scale, float inv) {
+  return (float_bits(scale) & 0x7f800000u) != 0x7f800000u && (float_bits(inv) & 0x7f800000u) != 0x7f800000u;
+}
 
 // ---- stochastic rounding to bf16 ----
 //
@@ -334,15 +341,16 @@ MIXPREC_HD uint32_t sr_bits(uint32_t key, uint64_t index) {
 // bf16 keeps the top 16 bits of an fp32: adding 16 uniform random bits below them and truncating rounds up
 // with probability equal to the dropped fraction, so the result is unbiased. Exact values stay exact, inf
 // stays inf, NaN stays a quiet NaN; a value within one ulp of the largest bf16 may round up to inf.
-// Returns the bf16 bits in 32-bit lanes.
-template <class F, class I>
+// Returns the bf16 as hi16.
+template <bool kMayBeNaN = true, class F, class I>
 MIXPREC_HD auto bf16_sr_bits(F f, I random16) {
   const auto u = op_bits(f);
-  return op_select(op_isnan(f), (u >> 16) | 0x0040u, (u + random16) >> 16);
+  if constexpr (kMayBeNaN) return op_select(op_isnan(f), u | 0x00400000u, u + random16);
+  else return u + random16;
 }
 
 MIXPREC_HD uint16_t float_to_bf16_sr(float f, uint32_t random16) {
-  return static_cast<uint16_t>(bf16_sr_bits(f, random16));
+  return static_cast<uint16_t>(bf16_sr_bits(f, random16) >> 16);
 }
 
 }  // namespace mixprec
