@@ -196,14 +196,25 @@ MIXPREC_AVX2 inline void store_low8(void* p, Vec8i a) {
 }
 
 // 8 fp32 lanes rounded to nearest even into fp16 / bf16 bits; same bits as mixprec/rounding.h for every
-// input (bf16: its very formula; F16C's vcvtps2ph is IEEE RNE with subnormal results, NaN stays a quiet NaN).
+// input (NaN stays a quiet NaN with its sign; F16C's vcvtps2ph is IEEE RNE with subnormal results).
+// note: spelled in intrinsics, not as bf16_rne_bits on Vec8: the unscale kernel calls this from avx2 functions that
+// are not flattened, where a generic template left out of line would pass the vectors in the baseline ABI.
 template <DType T>
 MIXPREC_AVX2 inline __m128i pack_half8(__m256 v) {
   static_assert(T != DType::Float32, "half types only");
   if constexpr (T == DType::Float16) {
     return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   } else {
-    return pack_high16(bf16_rne_bits(Vec8{v}));
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    const __m256 is_nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    const __m256i bits = _mm256_blendv_epi8(rounded, quiet_nan, _mm256_castps_si256(is_nan));
+    // values are < 2^16, so the signed->unsigned saturating pack is exact; it interleaves 128-bit lanes,
+    // which the permute undoes.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0b1000);
+    return _mm256_castsi256_si128(packed);
   }
 }
 

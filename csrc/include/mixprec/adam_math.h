@@ -196,7 +196,7 @@ struct RemainderSplit {
 template <bool kMayBeNaN = true, class F>
 MIXPREC_HD auto remainder_split(F w) {
   const auto u = op_bits(w);
-  using I = decltype(u);
+  using I = decltype(u + 0u);  // (not const)
   if constexpr (kMayBeNaN) {
     const auto nan = op_isnan(w);
     return RemainderSplit<I>{op_select(nan, u | 0x00400000u, u + 0x8000u), op_andnot(nan, u)};
