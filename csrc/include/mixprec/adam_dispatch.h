@@ -19,22 +19,10 @@ constexpr bool adam_variant_exists(DType t, MasterKind master, StateKind state, 
   return master_ok && sr_ok && !(amsgrad && state == StateKind::Int8);
 }
 
-template <class Fn>
-void dispatch_master_kind(MasterKind k, Fn&& fn) {
-  switch (k) {
-    case MasterKind::None: fn(std::integral_constant<MasterKind, MasterKind::None>{}); break;
-    case MasterKind::Fp32: fn(std::integral_constant<MasterKind, MasterKind::Fp32>{}); break;
-    case MasterKind::Remainder: fn(std::integral_constant<MasterKind, MasterKind::Remainder>{}); break;
-  }
-}
-
-template <class Fn>
-void dispatch_state_kind(StateKind k, Fn&& fn) {
-  switch (k) {
-    case StateKind::Fp32: fn(std::integral_constant<StateKind, StateKind::Fp32>{}); break;
-    case StateKind::BFloat16: fn(std::integral_constant<StateKind, StateKind::BFloat16>{}); break;
-    case StateKind::Int8: fn(std::integral_constant<StateKind, StateKind::Int8>{}); break;
-  }
+// fn(std::integral_constant<E, v>{}) for the one of kValues that v equals (nothing if none does).
+template <auto... kValues, class E, class Fn>
+void dispatch_value(E v, Fn&& fn) {
+  static_cast<void>(((v == kValues ? (fn(std::integral_constant<E, kValues>{}), true) : false) || ...));
 }
 
 // Calls fn(T, master, state, amsgrad, decoupled, stochastic), each a std::integral_constant, for the variant the
@@ -43,8 +31,8 @@ template <class Fn>
 void dispatch_adam_variant(DType dtype, MasterKind master, StateKind state, bool amsgrad, bool decoupled,
                            bool stochastic, Fn&& fn) {
   dispatch_dtype(dtype, [&](auto T) {
-    dispatch_master_kind(master, [&](auto M) {
-      dispatch_state_kind(state, [&](auto S) {
+    dispatch_value<MasterKind::None, MasterKind::Fp32, MasterKind::Remainder>(master, [&](auto M) {
+      dispatch_value<StateKind::Fp32, StateKind::BFloat16, StateKind::Int8>(state, [&](auto S) {
         dispatch_bool(stochastic, [&](auto sr) {
           dispatch_bool(amsgrad, [&](auto ams) {
             if constexpr (adam_variant_exists(T, M, S, ams, sr)) {
