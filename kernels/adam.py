@@ -136,11 +136,14 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.as_strided((t.numel(),), (1,))
 
 
-def adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, *, max_exp_avg_sqs, master_params, lr, beta1, beta2, eps,
-               weight_decay, decoupled, maximize=False, grad_scale=None, found_inf=None, clip_coef=None, sr_seed=-1):
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, *, max_exp_avg_sqs, master_params, param_remainders=(),
+               exp_avg_scales=(), exp_avg_sq_scales=(), lr, beta1, beta2, eps, weight_decay, decoupled, maximize=False,
+               grad_scale=None, found_inf=None, clip_coef=None, sr_seed=-1):
     """Arguments as mixprec.reference.adam_step_, validated by mixprec.ops."""
     if not params:
         return
+    if param_remainders or exp_avgs[0].dtype != torch.float32:
+        raise NotImplementedError("triton adam_step_: remainder masters and bf16/int8 states are not implemented yet")
     device = params[0].device
     amsgrad, master = len(max_exp_avg_sqs) > 0, len(master_params) > 0
     hyper = _hyper(device, float(beta1), float(beta2), float(weight_decay))
