@@ -368,3 +368,14 @@ def test_tiny_gpt2_trains_on_mixprec_gemms(dtype):
     assert got[-1] < 0.9 * got[0], got
     for step, (g, w) in enumerate(zip(got, want)):
         assert abs(g - w) <= 1e-2 * w, f"step {step}: loss {g} in {dtype}, {w} in fp32"
+
+
+def test_mixprec_conv1d_compiles_without_graph_breaks():
+    """fullgraph=True fails on any graph break; aot_eager traces the op's registered backward."""
+    torch.manual_seed(7)
+    conv = mixprec.nn.Conv1D.from_conv1d(Conv1D(6, 5).half())
+    x = torch.randn(3, 4, 5).half().requires_grad_()
+    y = torch.compile(conv, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(y, conv(x))
+    y.float().sum().backward()
+    assert x.grad.shape == x.shape and conv.weight.grad.shape == (5, 6) and conv.weight.grad.is_contiguous()
