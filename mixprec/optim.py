@@ -127,8 +127,12 @@ class FusedAdam(torch.optim.Optimizer):
     - max_grad_norm: clip the gradients' total 2-norm to this value inside the kernel (None: no clipping).
     - stochastic_rounding, seed: bf16 params without masters are stored with stochastic rounding.
     - backend: "auto", "cuda", "triton", "cpu" or "reference" (mixprec.ops.adam_step_'s).
-    - unscale_grads: after a GradScaler step, leave p.grad unscaled (one extra pass; default False leaves it
-      scaled, see the module docstring).
+    - unscale_grads: what p.grad holds after ``scaler.step(optimizer)`` (torch.amp.GradScaler or
+      mixprec.amp.GradScaler). False (default): the SCALED gradients -- the kernel unscales them in registers and
+      saves the pass that would write them back (torch's fused AdamW writes them back unscaled). True: step()
+      divides them in place by the scale afterwards (one extra torch._foreach_div_ pass), on skipped steps too,
+      so that logged gradients are the true ones (torch's fused AdamW leaves a skipped step's grads scaled;
+      GradScaler.unscale_ does not). Clipping (max_grad_norm) never changes p.grad.
 
     torch's implementation flags: foreach (None, True, False) picks between torch's implementations, which all
     compute the same update; mixprec always runs its one fused kernel, so every value is honoured. fused=None or
@@ -202,22 +206,15 @@ class FusedAdam(torch.optim.Optimizer):
         tensors = [isinstance(b, torch.Tensor) for b in betas]
         if tensors[0] != tensors[1]:
             raise ValueError(f"{where}betas must be either both floats or both Tensors")
-        values = []
         for k, b in enumerate(betas):
             if isinstance(b, torch.Tensor):
                 if b.numel() != 1:
                     raise ValueError(f"{where}Tensor betas[{k}] must be 1-element")
-                if b.device.type != "cpu":
-                    if group["capturable"]:
-                        raise ValueError(f"{where}betas[{k}] is a tensor on {b.device}: it is read with float() "
-                                         "at each step, a sync that capturable=True rules out; keep it on the CPU")
-                    continue
-                b = float(b)
-            values.append(b)
-        if len(values) == 2:
-            check_adam_hyper(beta1=values[0], beta2=values[1], eps=group["eps"], weight_decay=group["weight_decay"])
-        else:
-            check_adam_hyper(beta1=0.0, beta2=0.0, eps=group["eps"], weight_decay=group["weight_decay"])
+                if b.device.type != "cpu" and group["capturable"]:
+                    raise ValueError(f"{where}betas[{k}] is a tensor on {b.device}: it is read with float() at "
+                                     "each step, a sync that capturable=True rules out; keep it on the CPU")
+        beta1, beta2 = (float(b) for b in betas)
+        check_adam_hyper(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         if group["master_weights"] not in ("auto", True, False):
             raise ValueError(f"{where}master_weights must be 'auto', True or False, got {group['master_weights']!r}")
         if group["stochastic_rounding"] and group["master_weights"] is not False:
@@ -255,8 +252,10 @@ class FusedAdam(torch.optim.Optimizer):
                     raise ValueError(f"{key} applies to the whole optimizer, not to one param group: pass it to "
                                      f"{type(self).__name__}(...)")
             params = param_group.get("params")
-            if params is not None and not isinstance(params, (torch.Tensor, set)):
-                param_group["params"] = list(params)  # what torch does, done first so that it can be checked
+            if isinstance(params, torch.Tensor):  # what torch does, done first so that it can be checked
+                param_group["params"] = [params]
+            elif params is not None and not isinstance(params, set):
+                param_group["params"] = list(params)
             self._check_listed_once(param_group)
         super().add_param_group(param_group)
         gi = len(self.param_groups) - 1

@@ -57,6 +57,14 @@ def test_copies_step_like_the_original(how):
     _assert_same_run(params2, opt2, params, opt, f"{how} copy")
 
 
+@pytest.mark.parametrize("ours, theirs", [(FusedAdam, torch.optim.Adam), (FusedAdamW, torch.optim.AdamW)])
+def test_state_dict_groups_have_exactly_torchs_keys(ours, theirs):
+    """What torch.distributed.checkpoint's default planner needs both ways (it matches keys one by one)."""
+    for cls in (ours, theirs):
+        sd = cls(make_params(shapes=[(2,)])).state_dict()
+        assert set(sd["param_groups"][0]) == TORCH_GROUP_KEYS, cls.__name__
+
+
 def test_rebuilt_from_defaults_is_the_same_optimizer():
     """type(opt)(params, **opt.defaults) (what ZeroRedundancyOptimizer-style wrappers do) gives the same run."""
     for cls in (FusedAdam, FusedAdamW):
@@ -172,6 +180,10 @@ def test_torch_keyword_values_that_cannot_be_honoured_are_refused():
         FusedAdamW([{"params": p}, {"params": make_params(shapes=[(2,)]), "master_weights": "yes"}])
     with pytest.raises(ValueError, match="max_grad_norm.*whole optimizer"):
         FusedAdamW([{"params": p, "max_grad_norm": 1.0}])
+    opt = FusedAdamW(p)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: fused=False"):
+        opt.add_param_group({"params": make_params(shapes=[(2,)]), "fused": False})
+    assert len(opt.param_groups) == 1, "a refused group is not added"
 
 
 def test_fused_adam_accepts_decoupled_weight_decay_as_torch_adam_does():
@@ -439,8 +451,19 @@ def test_unscale_grads_leaves_grads_as_torch_does(scaler_module, dtype):
             assert_bitwise_equal(runs["scaled"][i].grad, expected, f"step {step}: default leaves grads scaled")
             unscaled = runs["unfused" if step == 2 else "fused"][i].grad
             assert_bitwise_equal(runs["unscaled"][i].grad, unscaled, f"step {step}: unscale_grads=True")
+            if step == 2:  # what the docstring says of torch's fused AdamW on a skipped step
+                assert_bitwise_equal(runs["fused"][i].grad, expected, "torch fused, skipped step")
     if dtype == torch.float32:  # bf16: ours has fp32 masters, torch's updates the bf16 params
         assert_tracks(runs["unscaled"], runs["fused"], "params")
+
+
+def test_unscale_grads_divides_a_grad_shared_by_two_params_once():
+    p, q = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+    opt = FusedAdamW([p, q], unscale_grads=True)
+    p.grad = q.grad = torch.full((4,), 8.0)
+    opt.grad_scale, opt.found_inf = torch.tensor([4.0]), torch.tensor([0.0])  # what a GradScaler sets
+    opt.step()
+    assert torch.equal(p.grad, torch.full((4,), 2.0))
 
 
 # ---- 8. fp16 state through torch.optim.AdamW and back ----
