@@ -93,6 +93,15 @@ def _mix_seed(seed: int, group_index: int) -> int:
     return (seed * 0x9E3779B1 + group_index * 0x85EBCA77 + 1) & 0xFFFFFFFF
 
 
+def _check_global(key: str, value):
+    """The value of an option of the whole optimizer (_GLOBAL_DEFAULTS), checked."""
+    if key == "max_grad_norm" and value is not None and not value > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {value}")
+    if key == "unscale_grads" and not isinstance(value, bool):
+        raise TypeError(f"unscale_grads must be a bool, got {type(value).__name__}")
+    return value
+
+
 def _keep_where_rounds_to(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     """Element-wise: `fine` where it rounds to `coarse` (in coarse's dtype), else coarse's value, in fine's dtype.
     How fp32 state survives a trip through a lower-precision copy of it, and how masters follow their params."""
@@ -152,10 +161,8 @@ class FusedAdam(torch.optim.Optimizer):
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, master_weights="auto", max_grad_norm=None, stochastic_rounding=False,
                  seed=0, backend="auto", unscale_grads=False):
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
-        if not isinstance(unscale_grads, bool):
-            raise TypeError(f"unscale_grads must be a bool, got {type(unscale_grads).__name__}")
+        _check_global("max_grad_norm", max_grad_norm)
+        _check_global("unscale_grads", unscale_grads)
         if isinstance(betas, (tuple, list)) and len(betas) == 2:
             # torch's _to_scalar: a one-element tensor beta is kept 0-dim
             betas = tuple(b.reshape(()) if isinstance(b, torch.Tensor) and b.numel() == 1 else b for b in betas)
@@ -176,9 +183,7 @@ class FusedAdam(torch.optim.Optimizer):
 
     @max_grad_norm.setter
     def max_grad_norm(self, value) -> None:
-        if value is not None and not value > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {value}")
-        self.defaults["max_grad_norm"] = value
+        self.defaults["max_grad_norm"] = _check_global("max_grad_norm", value)
 
     @property
     def unscale_grads(self) -> bool:
@@ -186,9 +191,7 @@ class FusedAdam(torch.optim.Optimizer):
 
     @unscale_grads.setter
     def unscale_grads(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"unscale_grads must be a bool, got {type(value).__name__}")
-        self.defaults["unscale_grads"] = value
+        self.defaults["unscale_grads"] = _check_global("unscale_grads", value)
 
     def _check_options(self, group: dict, where: str) -> None:
         """ValueError (torch's type where torch refuses the same) for options that cannot be honoured; `where`
