@@ -1,7 +1,8 @@
 """mixprec.amp.GradScaler: dynamic loss scaling whose unscale, overflow check and gradient norm are one pass.
 
-A drop-in for torch.amp.GradScaler (same methods, same state_dict keys, the same scale trajectory with default
-arguments) that also
+A drop-in for torch.amp.GradScaler, and a subclass of it (same methods and private entry points, same
+state_dict keys, the same scale trajectory with default arguments down to 2**-126, where torch's goes on to a
+scale whose reciprocal overflows) that also
 
 - unscales every gradient of an optimizer, whatever the dtype mix (fp16 gradients of pure-fp16 models
   included, which torch refuses), with ONE call of mixprec.ops.unscale_and_check_, which also sums the
@@ -10,7 +11,9 @@ arguments) that also
   DeepSpeed's and Megatron's scalers do, still on the device and without a host sync;
 - keeps overflow diagnostics on the device (the last `history` (scale, overflow) pairs, the number of skipped
   steps, opt-in per-tensor overflow counts) and reads them only when asked (history(), skipped_steps(),
-  overflow_report()), warning once when the scale is stuck at min_scale (mixprec.amp.diagnostics);
+  overflow_report()), warning once when the scale is stuck at its floor (mixprec.amp.diagnostics);
+- checks everything it is given (constructor, load_state_dict, update(new_scale)), and unscales each distinct
+  gradient once, any strided layout;
 - all-reduces found_inf (MAX) when torch.distributed is initialized, so all ranks skip the same steps.
 """
 from __future__ import annotations
