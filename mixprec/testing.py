@@ -124,13 +124,11 @@ def is_issue12_mode(variant: str, state: str = "fp32") -> bool:
 def backend_runs(backend: str, variant: str, state: str = "fp32") -> bool:
     """Whether `backend` (a backend= name) runs the mode: the extension's backends run issue #12's modes once its
     schema has their lists (its C++ lands separately; until then mixprec.ops refuses them there)."""
-    if not is_issue12_mode(variant, state):
-        return True
-    if backend in ("cpu", "cuda"):
+    if backend in ("cpu", "cuda") and is_issue12_mode(variant, state):
         from mixprec.ops import adam
 
         return adam._EXT_HAS_ISSUE12
-    return backend != "triton"  # the Triton kernel's modes: next commit
+    return True
 
 
 def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:

@@ -369,6 +369,28 @@ def test_int8_encode_is_nearest_with_ties_to_even(signed):
     assert reference._int8_code_magnitude(torch.tensor([_next32(1.0, 2)]), signed).item() == kmax
 
 
+def test_int8_ties_through_the_op(backend):
+    """The op's int8 store at exact ties, where random data never lands: with beta1 = beta2 = 0 the new moments are
+    m = g and v = g * g exactly, and a block holding 1.0 has scale 1, so the grads place m on every midpoint of
+    the map (both tie directions, and half of value(1), which ties up) and v on midpoints 1.5625 * 4^j."""
+    skip_unless_implemented(backend, "fp32", "int8")
+    values = reference.int8_value(torch.arange(128, dtype=torch.int8))
+    mids = (values[1:-1] + values[2:]) / 2  # exact in fp32: one more mantissa bit
+    m_block = torch.cat([torch.ones(1), mids, values[1:2] / 2, -mids[::3], torch.zeros(256 - 1 - 126 - 1 - 42)])
+    v_block = torch.cat([torch.ones(1), 1.25 * torch.exp2(-torch.arange(1.0, 16.0)), torch.zeros(256 - 16)])
+    grads = torch.cat([m_block, v_block, torch.full((3,), 0.5)])
+    st = random_state([grads.shape], "fp32", amsgrad=False, seed=41, state="int8")
+    st["grads"] = [grads]
+    kw = {**hyper("fp32", weight_decay=0.0, scale=None, clip=None, found_inf=None), "beta1": 0.0, "beta2": 0.0}
+    expected = run_both(st, kw, backend)
+    assert_states_equal(st, expected, f"{backend} int8 ties")
+    codes, scales = reference.quantize_blockwise(grads, signed=True)
+    assert_bitwise_equal(st["exp_avgs"][0], codes, "m codes = the codes of g")
+    assert_bitwise_equal(st["exp_avg_scales"][0], scales, "m scales")
+    codes, scales = reference.quantize_blockwise(grads * grads, signed=False)
+    assert_bitwise_equal(st["exp_avg_sqs"][0], codes, "v codes = the codes of g * g")
+
+
 def test_int8_blocks():
     """A zero block: codes and scale 0, decoded to 0. A NaN: its block's scale is NaN and decodes to NaN; an inf:
     the block is non-finite throughout; the other blocks are untouched. Blocks are 256 elements in storage order,
