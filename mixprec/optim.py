@@ -9,15 +9,17 @@ Drop-in for torch.optim.Adam/AdamW: the same positional and keyword arguments (s
 fused, capturable and differentiable do here), tensor lr and betas, step/state-dict/load hooks, copy.deepcopy and
 pickle (every option lives in ``self.defaults``, which torch's ``__getstate__`` keeps), lr schedulers.
 
-State and checkpoints. The state is torch.optim.Adam/AdamW's ("step" a 0-dim fp32 tensor on the param's device,
-"exp_avg", "exp_avg_sq", "max_exp_avg_sq" with amsgrad, all fp32) plus "master_param". ``state_dict()`` param
-groups carry exactly torch.optim.AdamW's keys, so state dicts load both ways with torch.optim.AdamW, with
-torch.load(weights_only=True) and with torch.distributed.checkpoint. mixprec's own per-group options
-(master_weights, stochastic_rounding, seed, backend) and torch's implementation flags (foreach, fused, capturable,
-differentiable) say how this optimizer runs, not where training is: ``load_state_dict`` keeps them from the live
-optimizer. It also checks every state tensor's shape against its param (ValueError naming the parameter), keeps
-the state in fp32 (torch's own loader casts it to the param dtype) and accepts a state dict from an older torch
-(missing group keys take torch's defaults, a numeric step becomes a tensor).
+State and checkpoints. In the default modes the state is torch.optim.Adam/AdamW's ("step" a 0-dim fp32 tensor on
+the param's device, "exp_avg", "exp_avg_sq", "max_exp_avg_sq" with amsgrad, all fp32) plus "master_param" (the
+other modes: "Fewer bytes per parameter" below). ``state_dict()`` param groups carry exactly torch.optim.AdamW's
+keys, so state dicts load both ways with torch.optim.AdamW, with torch.load(weights_only=True) and with
+torch.distributed.checkpoint. mixprec's own per-group options (master_weights, state_dtype, stochastic_rounding,
+seed, backend) and torch's implementation flags (foreach, fused, capturable, differentiable) say how this optimizer
+runs, not where training is: ``load_state_dict`` keeps them from the live optimizer (and converts the loaded
+state into its layout). It also checks every state tensor's shape against its param (ValueError naming the
+parameter), keeps the state in the live layout's dtypes (torch's own loader casts it to the param dtype) and
+accepts a state dict from an older torch (missing group keys take torch's defaults, a numeric step becomes a
+tensor).
 
 - Round trips through torch.optim.AdamW: torch's ``load_state_dict`` casts every state tensor to its param's dtype,
   so over fp16 params torch holds fp16 moments and an fp16 "master_param" (kept as an unknown key, never
@@ -57,6 +59,55 @@ param listed twice, sparse grads, and a param resized after its state was made.
 
 Stochastic rounding: bf16 params with master_weights=False, stochastic_rounding=True are updated in fp32
 registers and stored with stochastic rounding, reproducibly from `seed`, the param's position and the step.
+
+Fewer bytes per parameter (issue #12): two options per param group, ``master_weights`` and ``state_dtype``,
+combine freely (but "remainder" with stochastic rounding, which is for params without masters, and amsgrad with
+"int8"); every combination is one pass of the same kernel, with loss-scale unscaling, overflow skipping and
+clipping inside it. Bytes per param, AdamW on bf16 params (fp16 params alike, but "remainder"; steps aside;
+amsgrad adds one tensor of v's dtype, read and written):
+
+| master_weights | state_dtype | stored: param + master + m + v | moved per step (read + write) |
+|---|---|---|---|
+| True / "auto" | float32 | 2 + 4 + 4 + 4 = 14 | 28: read grad 2, master, m, v 4 each; write those and param 2 |
+| "remainder" | float32 | 2 + 2 + 4 + 4 = 12 | 26: read and write param 2, remainder 2, m 4, v 4; read grad 2 |
+| "remainder" | bfloat16 | 2 + 2 + 2 + 2 = 8 | 18 |
+| "remainder" | "int8" | 2 + 2 + 1 + 1 + 8/256 = 6.03 | 14.06 (the block scales: 4 B per 256 elements and moment) |
+| True | bfloat16 | 2 + 4 + 2 + 2 = 10 | 20 |
+| True | "int8" | 2 + 4 + 1 + 1 + 8/256 = 8.03 | 16.06 |
+| False (nearest or SR) | float32 | 2 + 4 + 4 = 10 | 22 |
+| False | bfloat16 | 2 + 2 + 2 = 6 | 14 |
+| False | "int8" | 2 + 1 + 1 + 8/256 = 4.03 | 10.06 |
+| (fp32 params) | float32 | 4 + 4 + 4 = 12 | 28 (fp32 grads) |
+
+``opt.state_bytes()`` measures what is stored, ``step_traffic(opt)`` counts what one step moves, and
+``opt.master_param(p)`` gives any param's exact fp32 master.
+
+- master_weights="remainder" (bf16 params; fp16 params are refused naming them, fp32 params need no master in
+  any mode): the state keeps "param_remainder", int16 with the param's shape and strides, the low 16 bits of the
+  fp32 master, so (param, remainder) IS the fp32 master, bit for bit (mixprec.reference.remainder_split / _join).
+  The master trajectory equals master_weights=True's bit for bit on the same grads. The param is the master
+  rounded to nearest, ties AWAY from zero (not to even: at an exact tie, lo == 0x8000, the 16 low bits alone
+  could not tell which way an even rounding went); everywhere else it is the master rounded to nearest even, as
+  with master_weights=True.
+- state_dtype=torch.bfloat16: m and v (and max_exp_avg_sq) stored in bf16, rounded to nearest even after each
+  update (the update itself runs on the fp32 values it computed).
+- state_dtype="int8": block-wise 8-bit moments as in bitsandbytes and torchao: blocks of 256 elements in memory
+  order, one fp32 absmax scale per block and moment, a dynamic 8-bit float map (signed for m, unsigned for v;
+  mixprec.reference.quantize_blockwise); quantized and dequantized inside the pass. Tensors of fewer than 4096
+  elements keep fp32 moments (bitsandbytes' rule: they are few bytes, and blocks would be a large part of them).
+  amsgrad is refused with "int8" at construction.
+
+State keys: "step"; "exp_avg", "exp_avg_sq", "max_exp_avg_sq" in fp32 or bf16 (torch's keys: a bf16 moment is
+what torch's own AdamW holds for bf16 params); int8 moments under keys of their own, "exp_avg_codes" (int8) +
+"exp_avg_scales" (fp32, ceil(numel / 256)) and "exp_avg_sq_codes" (uint8) + "exp_avg_sq_scales", so that
+torch.optim.AdamW never reads codes as moments (given such a state dict it finds no "exp_avg" and fails at its
+first step); "master_param" (fp32) or "param_remainder" (int16). Loading converts any of these layouts, and
+torch.optim.AdamW's, into the live optimizer's: moments are widened to fp32 and then stored as the live group
+keeps them (bf16 rounded to nearest even, int8 quantize_blockwise; a layout that already matches is copied
+exactly, so a resume is bit for bit); remainders come from a loaded fp32 master (remainder_split, reconciled with
+the param at the first step as masters are above) or are 0 (the master is the param); fp32 masters come from
+remainders (remainder_join with the param at the first step) or from the params. ``opt.torch_state_dict()``
+exports torch.optim.AdamW's fp32 layout (moments dequantized; fp32 masters under "master_param" on request).
 """
 from __future__ import annotations
 
@@ -68,8 +119,16 @@ import torch
 from mixprec import _backend, _grad_norm, ops
 from mixprec.ops._validate import is_non_overlapping_and_dense
 from mixprec.ops.adam import AdamLists, check_adam_hyper
+from mixprec.reference import (
+    INT8_BLOCK,
+    codes_dtype,
+    dequantize_blockwise,
+    quantize_blockwise,
+    remainder_join,
+    remainder_split,
+)
 
-__all__ = ["FusedAdam", "FusedAdamW"]
+__all__ = ["FusedAdam", "FusedAdamW", "step_traffic"]
 
 # torch.optim.Adam/AdamW's group keys, with the values torch gives them when a state dict from an older torch
 # lacks them (torch.optim.Adam.__setstate__)
@@ -77,15 +136,43 @@ _TORCH_GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "
                          "differentiable": False, "fused": None, "decoupled_weight_decay": False}
 # group keys of ours, absent from state_dict(): with torch's implementation flags they are kept from the live
 # optimizer when a state dict is loaded
-_OWN_GROUP_DEFAULTS = {"master_weights": "auto", "stochastic_rounding": False, "seed": 0, "backend": "auto"}
+_OWN_GROUP_DEFAULTS = {"master_weights": "auto", "state_dtype": torch.float32, "stochastic_rounding": False, "seed": 0,
+                       "backend": "auto"}
 _LIVE_KEYS = ("foreach", "fused", "capturable", "differentiable", *_OWN_GROUP_DEFAULTS)
 # options of the whole optimizer: in self.defaults (where torch keeps its own, so copies and pickles keep
 # them), in no param group
 _GLOBAL_DEFAULTS = {"max_grad_norm": None, "unscale_grads": False}
-# state tensors shaped like their param
-_SHAPED_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 _F32 = torch.float32
+_BF16 = torch.bfloat16
 _STRIDED = torch.strided
+STATE_DTYPES = (torch.float32, torch.bfloat16, "int8")  # the values of state_dtype
+INT8_MIN_NUMEL = 4096  # with state_dtype="int8", smaller tensors keep fp32 moments (bitsandbytes' min_8bit_size)
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# int8 moments: key -> (codes key, block-scales key, signed code map)
+_INT8_KEYS = {"exp_avg": ("exp_avg_codes", "exp_avg_scales", True),
+              "exp_avg_sq": ("exp_avg_sq_codes", "exp_avg_sq_scales", False)}
+_MASTER_KEYS = {"fp32": "master_param", "remainder": "param_remainder"}
+# state tensors shaped like their param (the block scales are 1-D: one per 256 elements in memory order)
+_SHAPED_STATE = (*_MOMENTS, "exp_avg_codes", "exp_avg_sq_codes", "master_param", "param_remainder")
+_SCALES = ("exp_avg_scales", "exp_avg_sq_scales")
+# per state kind: (exp_avg key, exp_avg_sq key, their dtypes, and the scales keys for int8)
+_STATE_KEYS = {"fp32": ("exp_avg", "exp_avg_sq", _F32, _F32, None, None),
+               "bf16": ("exp_avg", "exp_avg_sq", _BF16, _BF16, None, None),
+               "int8": ("exp_avg_codes", "exp_avg_sq_codes", torch.int8, torch.uint8, "exp_avg_scales",
+                        "exp_avg_sq_scales")}
+
+
+def _kinds(group: dict, p: torch.Tensor) -> tuple[str, str]:
+    """(master kind, state kind) of p in its group, as adam_step_ names them: master "none" (fp32 params, or
+    master_weights=False), "fp32" or "remainder"; state "fp32", "bf16" or "int8" (int8 only for tensors of
+    INT8_MIN_NUMEL elements or more)."""
+    mw, sd = group["master_weights"], group["state_dtype"]
+    master = "none" if mw is False or p.dtype is _F32 else "remainder" if mw == "remainder" else "fp32"
+    if sd is _F32:
+        return master, "fp32"
+    if sd is _BF16:
+        return master, "bf16"
+    return master, "int8" if p.numel() >= INT8_MIN_NUMEL else "fp32"
 
 
 def _mix_seed(seed: int, group_index: int) -> int:
@@ -109,6 +196,17 @@ def _keep_where_rounds_to(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Ten
     return torch.where(fine.to(coarse.dtype) == coarse, fine, coarse.to(fine.dtype))
 
 
+def _blocks(numel: int) -> int:
+    """The number of int8 quantization blocks (block scales) of a tensor of numel elements."""
+    return -(-numel // INT8_BLOCK)
+
+
+def _same_order(t: torch.Tensor, strides: tuple) -> bool:
+    """Whether t laid out with `strides` keeps its elements in the same memory order (strides differing only on
+    dims of size 1, which never step); the int8 blocks are runs of that order."""
+    return t.numel() <= 1 or all(a == b or n == 1 for n, a, b in zip(t.shape, t.stride(), strides))
+
+
 def _contiguous_strides(shape) -> tuple:
     strides, acc = [], 1
     for n in reversed(shape):
@@ -122,7 +220,7 @@ def _laid_out(t: torch.Tensor, strides: tuple) -> tuple[torch.Tensor, bool]:
     only on dims of size 1 (which never step), or a copy into a new buffer."""
     if t.stride() == strides:
         return t, False
-    if t.numel() <= 1 or all(a == b or n == 1 for n, a, b in zip(t.shape, t.stride(), strides)):
+    if _same_order(t, strides):
         return t.as_strided(t.shape, strides), False
     return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t), True
 
@@ -132,7 +230,11 @@ class FusedAdam(torch.optim.Optimizer):
 
     Arguments are torch.optim.Adam's, plus:
 
-    - master_weights: "auto" (fp32 masters for fp16/bf16 params), True, or False (update half params in place).
+    - master_weights: "auto" (fp32 masters for fp16/bf16 params), True, False (update half params in place), or
+      "remainder" (bf16 params: int16 remainders that make each param its exact fp32 master; see the module
+      docstring).
+    - state_dtype: torch.float32, torch.bfloat16 or "int8" (block-wise; tensors under 4096 elements keep fp32):
+      how exp_avg and exp_avg_sq are stored.
     - max_grad_norm: clip the gradients' total 2-norm to this value inside the kernel (None: no clipping).
     - stochastic_rounding, seed: bf16 params without masters are stored with stochastic rounding.
     - backend: "auto", "cuda", "triton", "cpu" or "reference" (mixprec.ops.adam_step_'s).
@@ -159,8 +261,8 @@ class FusedAdam(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, master_weights="auto", max_grad_norm=None, stochastic_rounding=False,
-                 seed=0, backend="auto", unscale_grads=False):
+                 decoupled_weight_decay=False, master_weights="auto", state_dtype=torch.float32, max_grad_norm=None,
+                 stochastic_rounding=False, seed=0, backend="auto", unscale_grads=False):
         _check_global("max_grad_norm", max_grad_norm)
         _check_global("unscale_grads", unscale_grads)
         if isinstance(betas, (tuple, list)) and len(betas) == 2:
@@ -169,7 +271,7 @@ class FusedAdam(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
-                        stochastic_rounding=stochastic_rounding, seed=seed, backend=backend)
+                        state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, seed=seed, backend=backend)
         self._check_options(defaults, "")
         self._lr_tensors: dict = {}
         self._masters_to_check: list = []
@@ -218,9 +320,16 @@ class FusedAdam(torch.optim.Optimizer):
                                      "each step, a sync that capturable=True rules out; keep it on the CPU")
         beta1, beta2 = (float(b) for b in betas)
         check_adam_hyper(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-        if group["master_weights"] not in ("auto", True, False):
-            raise ValueError(f"{where}master_weights must be 'auto', True or False, got {group['master_weights']!r}")
-        if group["stochastic_rounding"] and group["master_weights"] is not False:
+        master_weights, state_dtype = group["master_weights"], group["state_dtype"]
+        if not (master_weights is True or master_weights is False or master_weights in ("auto", "remainder")):
+            raise ValueError(f"{where}master_weights must be 'auto', True, False or 'remainder', got "
+                             f"{master_weights!r}")
+        if not (state_dtype is _F32 or state_dtype is _BF16 or state_dtype == "int8"):
+            raise ValueError(f"{where}state_dtype must be torch.float32, torch.bfloat16 or 'int8', got {state_dtype!r}")
+        if state_dtype == "int8" and group["amsgrad"]:
+            raise ValueError(f"{where}amsgrad is not supported with state_dtype='int8' (its running maximum of v "
+                             "has no 8-bit form here): use state_dtype=torch.bfloat16 or torch.float32")
+        if group["stochastic_rounding"] and master_weights is not False:
             raise ValueError(f"{where}stochastic_rounding=True updates bf16 params without masters: pass "
                              "master_weights=False")
         if group["backend"] not in _backend.BACKENDS:
@@ -286,6 +395,10 @@ class FusedAdam(torch.optim.Optimizer):
         if group["stochastic_rounding"] and p.dtype == torch.float16:
             raise ValueError(f"{name} is float16; stochastic rounding is for bfloat16 params (give fp16 params "
                              "master weights in another param group)")
+        if group["master_weights"] == "remainder" and p.dtype == torch.float16:
+            raise ValueError(f"{name} is float16; master_weights='remainder' is for bfloat16 params (an fp16 "
+                             "param and 16 more bits are no fp32 master): give it master_weights=True in another "
+                             "param group")
 
     def _check_listed_once(self, param_group: dict) -> None:
         """ValueError naming both places when a tensor is listed twice (torch warns within a group and updates it
@@ -315,25 +428,131 @@ class FusedAdam(torch.optim.Optimizer):
         return f"parameter '{names[i]}' ({label})" if names else label
 
     @staticmethod
-    def _needs_master(group: dict, p: torch.Tensor) -> bool:
-        return group["master_weights"] is not False and p.dtype != torch.float32
-
-    @staticmethod
-    def _new_state_tensor(p: torch.Tensor) -> torch.Tensor:
-        """An uninitialized fp32 buffer shaped like p: p's strides when p is dense, else contiguous."""
-        return torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+    def _new_state_tensor(p: torch.Tensor, dtype: torch.dtype = _F32) -> torch.Tensor:
+        """An uninitialized buffer shaped like p: p's strides when p is dense, else contiguous."""
+        return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _init_state(self, group: dict, p: torch.Tensor) -> dict:
-        """The state of p, with whatever this group's update needs made (zeros, a master copied from p)."""
+        """The state of p in the layout its group gives it: what is missing is made (zeros, a master from p), what
+        is held in another layout (the group's master_weights or state_dtype changed) is converted."""
         state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            if key not in state and (key != "max_exp_avg_sq" or group["amsgrad"]):
-                state[key] = self._new_state_tensor(p).zero_()
-        if self._needs_master(group, p) and "master_param" not in state:
-            state["master_param"] = self._new_state_tensor(p).copy_(p.detach())
+        self._reconcile_all(self._to_layout(group, p, state, loaded=False))
         return state
+
+    def _to_layout(self, group: dict, p: torch.Tensor, state: dict, *, loaded: bool) -> list:
+        """Puts `state` (empty, torch.optim.AdamW's, or any FusedAdam/W layout; tensors shaped like p) into the
+        layout of p in `group` (_kinds), replacing its entries. Returns what must still be reconciled with the
+        param's value, (p, how, data) entries for _reconciled: load_state_dict leaves them to the first step (the
+        model may be loaded after the optimizer), _init_state applies them at once."""
+        master, kind = _kinds(group, p)
+        if "step" not in state and not loaded:
+            state["step"] = torch.zeros((), dtype=_F32, device=p.device)
+        for key in _MOMENTS:
+            if key in state or key != "max_exp_avg_sq" or group["amsgrad"]:
+                # a kept max_exp_avg_sq of a group without amsgrad is converted too (torch keeps it as well)
+                self._moment_to_layout(state, key, kind, p)
+        pending = []
+        held_master, held_remainder = state.get("master_param"), state.get("param_remainder")
+        has_master = isinstance(held_master, torch.Tensor) and held_master.dtype is _F32
+        has_remainder = (isinstance(held_remainder, torch.Tensor) and held_remainder.dtype is torch.int16
+                         and p.dtype is _BF16)
+        if master == "fp32":
+            state.pop("param_remainder", None)
+            if has_master:
+                if loaded:  # e.g. a torch checkpoint's params loaded after a FusedAdamW one: the param wins
+                    pending.append((p, "round", None))
+            elif has_remainder:  # the master is the param and its remainder, with the param as it is then
+                state["master_param"] = self._new_state_tensor(p).copy_(remainder_join(p.detach(), held_remainder))
+                pending.append((p, "join", held_remainder))
+            else:
+                state["master_param"] = self._new_state_tensor(p).copy_(p.detach())
+        elif master == "remainder":
+            state.pop("master_param", None)
+            if not has_remainder:
+                remainder = self._new_state_tensor(p, torch.int16)
+                if has_master:  # split, then kept where the master rounds to the param (_reconciled)
+                    state["param_remainder"] = remainder.copy_(remainder_split(held_master)[1])
+                    pending.append((p, "split", held_master))
+                else:  # the master is the param
+                    state["param_remainder"] = remainder.zero_()
+        elif loaded:  # a param without master weights: a loaded master has no use
+            state.pop("master_param", None)
+            state.pop("param_remainder", None)
+        return pending
+
+    def _moment_to_layout(self, state: dict, key: str, kind: str, p: torch.Tensor) -> None:
+        """state[key] (fp32 or bf16), or its int8 codes and block scales (_INT8_KEYS), stored as `kind` says: kept
+        as it is when it already is (bit for bit), else its fp32 values stored anew (bf16: rounded to nearest even;
+        int8: quantize_blockwise), or zeros when state holds neither."""
+        codes_key, scales_key, signed = _INT8_KEYS.get(key, (None, None, True))
+        int8 = kind == "int8" and codes_key is not None  # (max_exp_avg_sq has no int8 form: amsgrad is refused)
+        dtype = _BF16 if kind == "bf16" else _F32
+        held = state.get(key)
+        if int8 and codes_key in state and scales_key in state:
+            state.pop(key, None)
+            return
+        if not int8 and isinstance(held, torch.Tensor) and held.dtype is dtype:
+            if codes_key is not None:
+                state.pop(codes_key, None)
+                state.pop(scales_key, None)
+            return
+        value = None
+        if codes_key is not None and codes_key in state and scales_key in state:
+            value = dequantize_blockwise(state[codes_key], state[scales_key])
+        elif isinstance(held, torch.Tensor):
+            value = held
+        for k in (key, codes_key, scales_key):
+            state.pop(k, None)
+        if int8:
+            if value is None:
+                codes = self._new_state_tensor(p, codes_dtype(signed)).zero_()
+                scales = torch.zeros(_blocks(p.numel()), dtype=_F32, device=p.device)
+            else:  # quantized in p's layout: the blocks are runs of p's memory order
+                codes, scales = quantize_blockwise(self._new_state_tensor(p).copy_(value), signed=signed)
+            state[codes_key], state[scales_key] = codes, scales
+        else:
+            out = self._new_state_tensor(p, dtype)
+            state[key] = out.zero_() if value is None else out.copy_(value)  # copy_ rounds to nearest even
+
+    def _reconciled(self, p: torch.Tensor, how: str, data) -> dict:
+        """The tensors (state key or "param" -> new values) that reconcile p's master with the param as it is now,
+        after a load or a change of layout; nothing is written here (see _reconcile_all).
+        - "round": a loaded fp32 master is kept where it rounds to the param, elsewhere it takes the param's value;
+        - "join": the fp32 master made from the param and a (loaded) remainder `data`;
+        - "split": remainders from a (loaded) fp32 master `data`, where it rounds to the param (to nearest even or
+          at a tie away from zero: the param then takes the ties-away value, as this mode writes params);
+          elsewhere remainder 0 (the master is the param)."""
+        param = p.detach()
+        state = self.state.get(p, {})
+        if how == "round":
+            return {"master_param": _keep_where_rounds_to(state["master_param"], param)}
+        if how == "join":
+            return {"master_param": remainder_join(param, data.to(param.device))}
+        master = data.to(param.device)
+        split_param, remainder = remainder_split(master)
+        keep = (master.to(param.dtype) == param) | (split_param == param)
+        return {"param_remainder": torch.where(keep, remainder, torch.zeros_like(remainder)),
+                "param": torch.where(keep, split_param, param)}
+
+    def _pending_valid(self, entry) -> bool:
+        p, how, data = entry
+        state = self.state.get(p, {})
+        key = "param_remainder" if how == "split" else "master_param"
+        held = state.get(key)
+        return (isinstance(held, torch.Tensor) and held.shape == p.shape
+                and (how == "round" or (data.shape == p.shape and p.dtype is _BF16)))
+
+    def _reconcile_all(self, entries) -> None:
+        """Writes _reconciled's values for every (p, how, data) entry whose state still fits its param."""
+        for entry in entries:
+            if isinstance(entry, torch.Tensor):  # pickled by an older mixprec: a master to check
+                entry = (entry, "round", None)
+            if not self._pending_valid(entry):
+                continue
+            p = entry[0]
+            state = self.state[p]
+            for key, value in self._reconciled(*entry).items():
+                (p.detach() if key == "param" else state[key]).copy_(value)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_masters_to_check": self._masters_to_check}
@@ -350,17 +569,24 @@ class FusedAdam(torch.optim.Optimizer):
         self._lr_tensors = {}  # a cache: refilled at the next step
         self.__dict__.setdefault("_masters_to_check", [])
 
-    def state_dict(self) -> dict:
-        """torch.optim.Optimizer.state_dict's layout and hooks; param groups carry torch.optim.AdamW's keys only
-        (mixprec's own options stay with the optimizer, see load_state_dict)."""
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
+    def _packed_groups(self) -> tuple[list, dict]:
+        """state_dict()'s param groups (torch's keys, params as indices) and {id(param): index}."""
         index: dict = {}
         groups = []
         for group in self.param_groups:
             packed = {k: v for k, v in group.items() if k != "params" and k not in _OWN_GROUP_DEFAULTS}
             packed["params"] = [index.setdefault(id(p), len(index)) for p in group["params"]]
             groups.append(packed)
+        return groups, index
+
+    def state_dict(self) -> dict:
+        """torch.optim.Optimizer.state_dict's layout and hooks; param groups carry torch.optim.AdamW's keys only
+        (mixprec's own options stay with the optimizer, see load_state_dict). The state is what the optimizer
+        holds, in its layout (see the module docstring's state keys); torch.load(weights_only=True) reads it. For
+        torch.optim.AdamW's own fp32 layout use torch_state_dict()."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        groups, index = self._packed_groups()
         state = {(index[id(k)] if isinstance(k, torch.Tensor) else k): v for k, v in self.state.items()}
         state_dict = {"state": state, "param_groups": groups}
         for hook in self._optimizer_state_dict_post_hooks.values():
@@ -368,6 +594,76 @@ class FusedAdam(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         return state_dict
+
+    def torch_state_dict(self, *, master_params: bool = False) -> dict:
+        """The state as torch.optim.AdamW holds it, for torch.optim.AdamW.load_state_dict (or any reader of its
+        layout): "step", "exp_avg", "exp_avg_sq" (and "max_exp_avg_sq") in fp32 -- bf16 moments widened, int8 ones
+        dequantized --, with state_dict()'s param groups. master_params=True adds each master's exact fp32 value
+        as "master_param" (master_param(p); params without masters get none). Copies throughout; no hooks run
+        (this is an export, not state_dict())."""
+        groups, index = self._packed_groups()
+        params = {id(p): (p, group) for group in self.param_groups for p in group["params"]}
+        state: dict = {}
+        for key, held in self.state.items():
+            if not isinstance(key, torch.Tensor) or id(key) not in params or not isinstance(held, dict):
+                state[key] = copy.deepcopy(held)  # state of no param: as state_dict() has it
+                continue
+            p, group = params[id(key)]
+            out = {}
+            for name, value in held.items():
+                if name in _MOMENTS:
+                    out[name] = value.to(_F32, copy=True)
+                elif name in _SCALES or name in _MASTER_KEYS.values():
+                    continue
+                elif name in ("exp_avg_codes", "exp_avg_sq_codes"):
+                    moment = name.removesuffix("_codes")
+                    out[moment] = dequantize_blockwise(value, held[_INT8_KEYS[moment][1]])
+                else:
+                    out[name] = value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+            if master_params and _kinds(group, p)[0] != "none":
+                out["master_param"] = self.master_param(p)
+            state[index[id(key)]] = out
+        return {"state": state, "param_groups": groups}
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise ValueError(f"{type(self).__name__}: the tensor given (shape {tuple(p.shape)}) is not one of this "
+                         "optimizer's parameters")
+
+    def master_param(self, p: torch.Tensor) -> torch.Tensor:
+        """The exact fp32 master weights of param p, as a new tensor laid out like p: a copy of its fp32 master, the
+        join of p and its remainder (master_weights="remainder"), or p widened to fp32 when it has no master (fp32
+        params, master_weights=False, or before the first step makes one). After a load it is the master that
+        the next step will start from (reconciled with p as that step will do; nothing is written here)."""
+        group = self._group_of(p)
+        master, _ = _kinds(group, p)
+        out = self._new_state_tensor(p)
+        state = self.state.get(p) or {}
+        if master == "none":
+            return out.copy_(p.detach())
+        pending = [e for e in self._masters_to_check if isinstance(e, tuple) and e[0] is p and self._pending_valid(e)]
+        values = self._reconciled(*pending[-1]) if pending else {}
+        held = {**state, **values}
+        param = values.get("param", p.detach())
+        fp32, remainder = held.get("master_param"), held.get("param_remainder")
+        fp32 = fp32 if isinstance(fp32, torch.Tensor) and fp32.dtype is _F32 and fp32.shape == p.shape else None
+        if not (isinstance(remainder, torch.Tensor) and remainder.dtype is torch.int16 and remainder.shape == p.shape
+                and p.dtype is _BF16):
+            remainder = None
+        if master == "fp32" and fp32 is not None:
+            return out.copy_(fp32)
+        if master == "remainder" and remainder is None and fp32 is not None:  # converted at the next step
+            converted = self._reconciled(p, "split", fp32)
+            param, remainder = converted["param"], converted["param_remainder"]
+        return out.copy_(param if remainder is None else remainder_join(param, remainder))
+
+    def state_bytes(self) -> int:
+        """The bytes of every tensor the optimizer holds in its state (masters, remainders, moments, int8 block
+        scales, step counts), for all params; not the params themselves."""
+        return sum(t.numel() * t.element_size() for held in self.state.values() if isinstance(held, dict)
+                   for t in held.values() if isinstance(t, torch.Tensor))
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
@@ -397,19 +693,22 @@ class FusedAdam(torch.optim.Optimizer):
             group["params"] = live["params"]
             if "param_names" in live and "param_names" not in group:
                 group["param_names"] = live["param_names"]
+            if group["amsgrad"] and group["state_dtype"] == "int8":
+                raise ValueError(f"param_groups[{len(groups)}]: the loaded state dict has amsgrad=True, which is not "
+                                 "supported with this optimizer's state_dtype='int8' (use torch.bfloat16 or "
+                                 "torch.float32 states)")
             groups.append(group)
         saved_state = state_dict["state"]
         state: defaultdict = defaultdict(dict)
-        to_check = []
+        to_check: list = []
         mapped = set()
         for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
             for i, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
                 mapped.add(saved_id)
                 if saved_id not in saved_state:
                     continue
-                state[p] = self._loaded_state(group, gi, i, p, saved_state[saved_id], self.state.get(p) or {})
-                if "master_param" in state[p]:
-                    to_check.append(p)
+                state[p] = self._loaded_state(group, gi, i, p, saved_state[saved_id], self.state.get(p) or {},
+                                              to_check)
         for key, value in saved_state.items():  # state of no param is kept as it is, as torch does
             if key not in mapped:
                 state[key] = value
@@ -418,9 +717,10 @@ class FusedAdam(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _loaded_state(self, group: dict, gi: int, i: int, p: torch.Tensor, saved, live: dict) -> dict:
-        """The state of p made from its saved state (checked against p) and its live state (fp32 values kept
-        where the saved ones are their rounding)."""
+    def _loaded_state(self, group: dict, gi: int, i: int, p: torch.Tensor, saved, live: dict, pending: list) -> dict:
+        """The state of p made from its saved state (checked against p; any layout, converted into the live
+        group's) and its live state (values kept where the saved ones are torch's casts of them); what is left to
+        reconcile with the param at the first step is added to `pending`."""
         name = f"{type(self).__name__}: {self._param_name(group, gi, i)}"
         if not isinstance(saved, dict):
             raise ValueError(f"{name}: the loaded state must be a dict, got {type(saved).__name__}")
@@ -432,40 +732,80 @@ class FusedAdam(torch.optim.Optimizer):
                     raise ValueError(f"{name}: the loaded state 'step' must have one element, got shape "
                                      f"{tuple(step.shape)}")
                 state[key] = step.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
-            elif key in _SHAPED_STATE:
-                if not isinstance(value, torch.Tensor):
-                    raise ValueError(f"{name}: the loaded state '{key}' must be a tensor, got {type(value).__name__}")
-                if value.shape != p.shape:
-                    raise ValueError(f"{name}: the loaded state '{key}' has shape {tuple(value.shape)}, but the "
-                                     f"parameter has shape {tuple(p.shape)}")
-                if key != "master_param":
-                    state[key] = self._loaded_fp32(p, value, live.get(key))
+            elif key in _SHAPED_STATE or key in _SCALES:
+                state[key] = self._loaded_tensor(name, key, p, value, live.get(key))
             else:
                 state[key] = value.to(p.device) if isinstance(value, torch.Tensor) else copy.deepcopy(value)
-        if self._needs_master(group, p):
-            saved_master, live_master = saved.get("master_param"), live.get("master_param")
-            if saved_master is not None and saved_master.dtype == torch.float32:
-                state["master_param"] = self._loaded_fp32(p, saved_master, None)
-            elif isinstance(live_master, torch.Tensor) and live_master.dtype == _F32 and live_master.shape == p.shape:
-                state["master_param"] = live_master  # still at hand: checked against the param at the next step
-            # else: made from the param at the next step (_init_state)
+        for key, (codes_key, scales_key, _) in _INT8_KEYS.items():
+            if (codes_key in state) != (scales_key in state):
+                raise ValueError(f"{name}: the loaded state has '{codes_key if codes_key in state else scales_key}' "
+                                 f"without '{scales_key if codes_key in state else codes_key}' (int8 moments are "
+                                 "codes and block scales)")
+            codes = state.get(codes_key)
+            if codes is not None and not _same_order(codes, self._new_state_tensor(p).stride()):
+                # saved from a param of another memory order: its blocks are not p's; requantized in p's layout
+                state[key] = dequantize_blockwise(state.pop(codes_key), state.pop(scales_key))
+            elif codes is not None:
+                state[codes_key] = _laid_out(codes, self._new_state_tensor(p).stride())[0]
+        master, _ = _kinds(group, p)
+        live_master = live.get("master_param")
+        if (master == "fp32" and "master_param" not in state and "param_remainder" not in state
+                and isinstance(live_master, torch.Tensor) and live_master.dtype is _F32
+                and live_master.shape == p.shape):
+            # a checkpoint without masters (torch's): the live masters, still at hand, are kept where they round to
+            # the param at the first step (remainders are not: they would pass that check whatever they hold)
+            state["master_param"] = live_master
+        pending += self._to_layout(group, p, state, loaded=True)
         return state
 
-    def _loaded_fp32(self, p: torch.Tensor, value: torch.Tensor, live) -> torch.Tensor:
-        out = self._new_state_tensor(p)
-        if (value.dtype != torch.float32 and isinstance(live, torch.Tensor) and live.dtype == torch.float32
-                and live.shape == value.shape):
-            # cast down by torch's loader: the fp32 values at hand are exact wherever they round to it
+    def _loaded_tensor(self, name: str, key: str, p: torch.Tensor, value, live) -> torch.Tensor:
+        """A copy of a loaded state tensor `key` on p's device in its own dtype (moments fp32 or bf16, masters fp32,
+        remainders int16, codes int8 / uint8, scales fp32), checked (ValueError naming the parameter). Shaped state
+        is laid out like p; int8 codes keep their saved layout (their block scales follow its memory order) until
+        _loaded_state has compared it with p's."""
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name}: the loaded state '{key}' must be a tensor, got {type(value).__name__}")
+        scales = key in _SCALES
+        if scales and value.shape != (_blocks(p.numel()),):
+            raise ValueError(f"{name}: the loaded state '{key}' has shape {tuple(value.shape)}, but a parameter of "
+                             f"{p.numel()} elements has {_blocks(p.numel())} int8 blocks of {INT8_BLOCK}")
+        if not scales and value.shape != p.shape:
+            raise ValueError(f"{name}: the loaded state '{key}' has shape {tuple(value.shape)}, but the "
+                             f"parameter has shape {tuple(p.shape)}")
+        if value.is_complex() or value.dtype is torch.bool:
+            raise ValueError(f"{name}: the loaded state '{key}' has dtype {value.dtype}")
+        codes = key in ("exp_avg_codes", "exp_avg_sq_codes")
+        if codes:
+            if not is_non_overlapping_and_dense(value):
+                raise ValueError(f"{name}: the loaded state '{key}' must be a dense tensor (its int8 blocks are runs "
+                                 f"of its memory order), got strides {value.stride()}")
+            want = codes_dtype(key == "exp_avg_codes")
+            # torch's loader casts codes to the param's dtype: small integers, exact in every float dtype
+            out = torch.empty_like(value, dtype=want, device=p.device)  # dense: the same strides
+            return out.copy_(value.round() if value.is_floating_point() else value)
+        if (isinstance(live, torch.Tensor) and live.shape == value.shape and live.dtype != value.dtype
+                and value.dtype == p.dtype):
+            # torch.optim.Optimizer.load_state_dict casts every state tensor to its param's dtype: the live tensors
+            # it was cast from are exact wherever they round to the loaded values
             value = _keep_where_rounds_to(live, value)
-        return out.copy_(value)
+        if key == "param_remainder":
+            want = torch.int16
+            if value.is_floating_point():
+                value = value.round().clamp(-2**15, 2**15 - 1)
+        elif scales or key == "master_param":
+            want = value.dtype if key == "master_param" else _F32  # (a master not in fp32 is made anew)
+        else:
+            if not value.is_floating_point():
+                raise ValueError(f"{name}: the loaded state '{key}' must be a floating-point tensor, got {value.dtype}")
+            want = value.dtype if value.dtype in (_F32, _BF16) else _F32
+        if scales:
+            return torch.empty(value.shape, dtype=want, device=p.device).copy_(value)
+        return self._new_state_tensor(p, want).copy_(value)
 
     def _check_masters(self) -> None:
-        """After a load: every master element that does not round to its param takes the param's value."""
+        """At the first step after a load: masters and remainders reconciled with the params (_reconciled)."""
         pending, self._masters_to_check = self._masters_to_check, []
-        for p in pending:
-            master = self.state.get(p, {}).get("master_param")
-            if master is not None and master.shape == p.shape:
-                master.copy_(_keep_where_rounds_to(master, p.detach()))
+        self._reconcile_all(pending)
 
     # ---- the step ----
 
@@ -513,19 +853,21 @@ class FusedAdam(torch.optim.Optimizer):
             raise RuntimeError(f"{name}: the gradient is on {g.device}, the parameter on {p.device}")
         if g.shape != p.shape:
             raise RuntimeError(f"{name} has shape {tuple(p.shape)}, its gradient {tuple(g.shape)}")
-        for key in _SHAPED_STATE:
-            t = state.get(key)
-            if t is not None and t.shape != p.shape:
-                raise ValueError(f"{name} has shape {tuple(p.shape)}, but its optimizer state '{key}' has shape "
-                                 f"{tuple(t.shape)}: the parameter was resized after its state was made (give it "
-                                 "fresh state with `del optimizer.state[param]`, or load state of its new shape)")
+        self._check_state_shapes(group, gi, i, p, state)
         self._check_param(group, gi, i, p)
+        exp_avg = state[_STATE_KEYS[_kinds(group, p)[1]][0]]
         if is_non_overlapping_and_dense(p):
             strides = p.stride()  # the state follows the param, once
-        elif is_non_overlapping_and_dense(state["exp_avg"]):
-            strides = state["exp_avg"].stride()
+        elif is_non_overlapping_and_dense(exp_avg):
+            strides = exp_avg.stride()
         else:
             strides = _contiguous_strides(p.shape)
+        for codes_key, scales_key, signed in _INT8_KEYS.values():
+            codes = state.get(codes_key)
+            if codes is not None and not _same_order(codes, strides):
+                # the blocks are runs of memory order: a new order needs new blocks (one more quantization)
+                value = _laid_out(dequantize_blockwise(codes, state[scales_key]), strides)[0]
+                state[codes_key], state[scales_key] = quantize_blockwise(value, signed=signed)
         for key in _SHAPED_STATE:
             if key in state:
                 state[key] = _laid_out(state[key], strides)[0]
@@ -533,6 +875,17 @@ class FusedAdam(torch.optim.Optimizer):
         if staged:
             copy_back.append((p, run_p))
         return run_p, _laid_out(g, strides)[0]
+
+    def _check_state_shapes(self, group: dict, gi: int, i: int, p: torch.Tensor, state: dict) -> None:
+        """ValueError naming the parameter when its state was made for another shape."""
+        for key in (*_SHAPED_STATE, *_SCALES):
+            t = state.get(key)
+            want = (_blocks(p.numel()),) if key in _SCALES else p.shape
+            if t is not None and t.shape != want:
+                name = f"{type(self).__name__}: {self._param_name(group, gi, i)}"
+                raise ValueError(f"{name} has shape {tuple(p.shape)}, but its optimizer state '{key}' has shape "
+                                 f"{tuple(t.shape)}: the parameter was resized after its state was made (give it "
+                                 "fresh state with `del optimizer.state[param]`, or load state of its new shape)")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -551,7 +904,7 @@ class FusedAdam(torch.optim.Optimizer):
         clipping = self.defaults["max_grad_norm"] is not None
         unscale = self.defaults["unscale_grads"] and grad_scale is not None
 
-        # buckets: one op call per (group, device, with masters or not)
+        # buckets: one op call per (group, device, master kind, state kind)
         # note: the per-param loop is the step's Python cost (a few hundred params a step): the common case --
         # param, grad and state of one layout -- is recognized by one stride/shape comparison, everything else
         # goes to _fit_layouts
@@ -561,39 +914,49 @@ class FusedAdam(torch.optim.Optimizer):
         states = self.state
         for gi, group in enumerate(self.param_groups):
             amsgrad = group["amsgrad"]
-            masters = group["master_weights"] is not False
             buckets: dict = {}
             copy_backs: dict = {}  # per bucket: the staged params to copy back after its call
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
-                master = masters and p.dtype != _F32
+                master, kind = _kinds(group, p)
+                m_key, v_key, m_dtype, _, m_scales_key, v_scales_key = _STATE_KEYS[kind]
+                master_key = _MASTER_KEYS.get(master)
                 state = states.get(p)
-                if (not state or "exp_avg" not in state or (amsgrad and "max_exp_avg_sq" not in state)
-                        or (master and "master_param" not in state)):
+                exp_avg = state.get(m_key) if state else None
+                if (exp_avg is None or exp_avg.dtype is not m_dtype or (amsgrad and "max_exp_avg_sq" not in state)
+                        or (master_key is not None and master_key not in state)):
+                    if state:
+                        self._check_state_shapes(group, gi, i, p, state)
+                    self._check_param(group, gi, i, p)
                     state = self._init_state(group, p)
-                key = (p.device, master)
-                exp_avg = state["exp_avg"]
+                    exp_avg = state[m_key]
+                key = (p.device, master, kind)
                 strides = p.stride()
                 if g.layout is _STRIDED and strides == exp_avg.stride() and g.stride() == strides and \
                         p.shape == exp_avg.shape:
                     run_p, run_g = p, g
                 else:
                     run_p, run_g = self._fit_layouts(group, gi, i, p, g, state, copy_backs.setdefault(key, []))
-                    exp_avg = state["exp_avg"]
+                    exp_avg = state[m_key]
                 b = buckets.get(key)
                 if b is None:
                     b = buckets[key] = AdamLists()
                 b.params.append(run_p)
                 b.grads.append(run_g)
                 b.exp_avgs.append(exp_avg)
-                b.exp_avg_sqs.append(state["exp_avg_sq"])
+                b.exp_avg_sqs.append(state[v_key])
                 b.steps.append(state["step"])
                 if amsgrad:
                     b.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-                if master:
+                if m_scales_key is not None:
+                    b.exp_avg_scales.append(state[m_scales_key])
+                    b.exp_avg_sq_scales.append(state[v_scales_key])
+                if master == "fp32":
                     b.master_params.append(state["master_param"])
+                elif master == "remainder":
+                    b.param_remainders.append(state["param_remainder"])
                 if clipping:
                     norm_grads.setdefault(p.device, []).append(run_g)
                 if unscale:
@@ -646,3 +1009,49 @@ class FusedAdamW(FusedAdam):
         super().__setstate__(state)
         for group in self.param_groups:  # as torch.optim.AdamW does: whatever an older state dict said
             group["decoupled_weight_decay"] = True
+
+
+def step_traffic(optimizer: FusedAdam, *, per_array: bool = False):
+    """The bytes one ``optimizer.step()`` reads and writes in its fused pass, counted from the tensors it touches
+    with the layouts the optimizer gives them (params without a grad are skipped, as step() skips them): the grad
+    read; the param read (unless an fp32 master stands in for it) and written; every state tensor read and written
+    (masters, remainders, moments, int8 block scales, the step counts). Not counted: the extra passes that some
+    options add (unscale_grads=True: the grads read and written; max_grad_norm without a norm from
+    mixprec.amp.GradScaler: the grads read) and the copies of the slower path for odd layouts.
+
+    per_array=True: instead of the total, a list of (read_bytes, write_bytes), one per kind of array summed over
+    the params (read and written in place: equal sizes; else read-only or write-only), the layout
+    mixprec.benchmarks.ceiling.cpu_stream(arrays=...) takes to time a streaming loop with the same pattern."""
+    arrays: dict = {}
+
+    def add(role: str, read: int, write: int) -> None:
+        r, w = arrays.get(role, (0, 0))
+        arrays[role] = (r + read, w + write)
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            n = p.numel()
+            master, kind = _kinds(group, p)
+            add("grad", n * g.element_size(), 0)
+            if master == "fp32":
+                add("param (written)", 0, n * p.element_size())
+                add("master_param", 4 * n, 4 * n)
+            else:
+                add("param", n * p.element_size(), n * p.element_size())
+            if master == "remainder":
+                add("param_remainder", 2 * n, 2 * n)
+            m_key, v_key, m_dtype, v_dtype, m_scales, v_scales = _STATE_KEYS[kind]
+            for key, dtype in ((m_key, m_dtype), (v_key, v_dtype)) + (
+                    (("max_exp_avg_sq", v_dtype),) if group["amsgrad"] else ()):
+                size = n * dtype.itemsize
+                add(key, size, size)
+            if m_scales is not None:
+                for key in (m_scales, v_scales):
+                    add(key, 4 * _blocks(n), 4 * _blocks(n))
+            add("step", 4, 4)
+    if per_array:
+        return [rw for rw in arrays.values() if rw != (0, 0)]
+    return sum(r + w for r, w in arrays.values())
