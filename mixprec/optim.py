@@ -245,6 +245,10 @@ class FusedAdam(torch.optim.Optimizer):
       so that logged gradients are the true ones (torch's fused AdamW leaves a skipped step's grads scaled;
       GradScaler.unscale_ does not). Clipping (max_grad_norm) never changes p.grad.
 
+    Beyond torch.optim's methods: master_param(p) (p's exact fp32 master), state_bytes() (what the state holds),
+    torch_state_dict() (an export in torch.optim.AdamW's fp32 layout); mixprec.optim.step_traffic(opt) counts the
+    bytes a step moves.
+
     torch's implementation flags: foreach (None, True, False) picks between torch's implementations, which all
     compute the same update; mixprec always runs its one fused kernel, so every value is honoured. fused=None or
     True is honoured (always fused); fused=False asks for an unfused implementation, which mixprec does not
@@ -445,7 +449,7 @@ class FusedAdam(torch.optim.Optimizer):
         param's value, (p, how, data) entries for _reconciled: load_state_dict leaves them to the first step (the
         model may be loaded after the optimizer), _init_state applies them at once."""
         master, kind = _kinds(group, p)
-        if "step" not in state and not loaded:
+        if "step" not in state:
             state["step"] = torch.zeros((), dtype=_F32, device=p.device)
         for key in _MOMENTS:
             if key in state or key != "max_exp_avg_sq" or group["amsgrad"]:

@@ -333,6 +333,60 @@ def test_checkpoint_resumes_bit_exact(mode):
     assert_same_state(twin, twin_opt, params, opt, f"{mode} resumed")
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_the_mode_and_step_alike(how):
+    import pickle
+
+    params, opt = trained(MODES["remainder-int8"], 2, seed=21)
+    if how == "deepcopy":
+        opt2 = copy.deepcopy(opt)
+        params2 = opt2.param_groups[0]["params"]
+    else:
+        params2, opt2 = pickle.loads(pickle.dumps((params, opt)))
+    assert opt2.defaults["state_dtype"] == "int8" and opt2.param_groups[0]["master_weights"] == "remainder"
+    gen = torch.Generator().manual_seed(22)
+    for _ in range(2):
+        feed([params, params2], gen)
+        opt.step()
+        opt2.step()
+    assert_same_state(params2, opt2, params, opt, how)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("mode", ["remainder-int8", "master-bf16"])
+def test_dcp_checkpoint_resumes_bit_exact(mode, tmp_path):
+    """torch.distributed.checkpoint (get_state_dict / dcp.save / dcp.load / set_state_dict) of a model whose
+    first layer has int8 moments: training resumes bit for bit."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def mlp(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(64, 80), nn.Tanh(), nn.Linear(80, 3)).to(BF16)  # 5120 weights: int8
+
+    def train(model, opt, steps, seed):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(8, 64, generator=gen).to(BF16)).float().square().mean().backward()
+            opt.step()
+
+    src, dst = mlp(0), mlp(1)
+    src_opt, dst_opt = (FusedAdamW(m.parameters(), lr=1e-2, backend="reference", **MODES[mode]) for m in (src, dst))
+    train(src, src_opt, 3, seed=23)
+    train(dst, dst_opt, 1, seed=24)  # live state that the load must replace
+    msd, osd = get_state_dict(src, src_opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp_path)
+    msd, osd = get_state_dict(dst, dst_opt)
+    loaded = {"model": msd, "optim": osd}
+    dcp.load(loaded, checkpoint_id=tmp_path)
+    set_state_dict(dst, dst_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    train(src, src_opt, 2, seed=25)
+    train(dst, dst_opt, 2, seed=25)
+    assert "exp_avg_codes" in dst_opt.state[dst[0].weight] or mode != "remainder-int8"
+    assert_same_state(list(dst.parameters()), dst_opt, list(src.parameters()), src_opt, f"DCP {mode}")
+
+
 def _trained_torch_adamw(steps=3):
     """torch.optim.AdamW on fp32 params (the masters), a few steps in."""
     full = make_params(torch.float32)
