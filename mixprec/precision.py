@@ -44,9 +44,22 @@ The GradScaler, by dtype:
 scaler_kwargs override any of these.
 
 Order with torch.distributed: prepare first, then wrap the returned model in DistributedDataParallel (DDP
-registers its gradient buckets with the parameter dtypes it sees). FSDP2: prepare(..., shard=fn) shards the
-converted model before the optimizer is built; mixprec classes whose fused kernels cannot take DTensors are
-refused with a NotImplementedError naming them (check_dtensor_support), not left to fail inside a kernel.
+registers its gradient buckets with the parameter dtypes it sees).
+
+FSDP2 (torch.distributed.fsdp.fully_shard): prepare(..., shard=fn) shards the converted model before the
+optimizer is built on the sharded (DTensor) params. The recipe, block by block:
+
+    model, optimizer, scaler = mixprec.prepare(model, dtype=torch.bfloat16, shard=mixprec.distributed.shard_blocks)
+
+casts, keeps the norms fp32, swaps the projections, then fully_shards each normalization layer on its own (FSDP2
+needs one dtype per unit), each block (the children of every nn.ModuleList) and the root; the optimizer keeps
+fp32 masters per shard. functools.partial(shard_blocks, mesh=...) picks the mesh (a 2-D mesh: HSDP). The other
+FSDP2 setup keeps fp32 params and lets FSDP2 cast: swap_projections(model), then
+shard_blocks(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)),
+then mixprec.optim.FusedAdamW(model.parameters()) (a plain fp32 fused Adam on the shards). Optimizer and scaler
+classes are checked with check_dtensor_support: mixprec's classes that cannot take DTensors are refused with a
+NotImplementedError naming them, not left to fail inside a kernel, and every sharded param's placement with
+mixprec.distributed.check_placements.
 """
 from __future__ import annotations
 
@@ -56,14 +69,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixprec import distributed
 from mixprec.amp import GradScaler
 from mixprec.nn import Conv1D, Linear, is_conv1d_like
 from mixprec.optim import FusedAdamW
-
-try:
-    import torch.distributed.tensor as dist_tensor
-except ImportError:  # torch built without distributed
-    dist_tensor = None
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -138,20 +147,17 @@ def _keeps_fp32(module: nn.Module, keep_fp32: tuple) -> bool:
     return any(isinstance(module, k) if isinstance(k, type) else k(module) for k in keep_fp32)
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return dist_tensor is not None and isinstance(t, dist_tensor.DTensor)
-
-
 def check_dtensor_support(cls: type, params) -> None:
     """Raises NotImplementedError when `params` hold DTensors and `cls` (an optimizer or GradScaler class) is
-    mixprec's, whose fused kernels cannot take them yet.
+    mixprec's and does not declare DTensor support (a true ``_mixprec_dtensor_support`` class attribute: it runs
+    its kernels on the local shards through mixprec.distributed).
 
     Why: mixprec's kernels are custom ops (torch.ops.mixprec.*), and DTensor refuses any op without a
     sharding rule ("does not have a sharding strategy registered"). Classes from outside mixprec
     (torch.optim.AdamW, torch.amp.GradScaler) run torch ops, which DTensor handles."""
-    if not cls.__module__.startswith("mixprec."):
+    if not cls.__module__.startswith("mixprec.") or getattr(cls, "_mixprec_dtensor_support", False):
         return
-    if any(_is_dtensor(p) for p in params):
+    if any(distributed.is_dtensor(p) for p in params):
         raise NotImplementedError(
             f"{cls.__module__}.{cls.__qualname__} does not support FSDP2 (fully_shard) / DTensor parameters: its "
             f"fused kernels are custom ops with no DTensor sharding rule. Shard with DDP instead, or use "
@@ -159,15 +165,16 @@ def check_dtensor_support(cls: type, params) -> None:
             f"parameters")
 
 
-def _swap_projections(model: nn.Module) -> nn.Module:
-    """nn.Linear (exactly) -> mixprec.nn.Linear and transformers-style Conv1D -> mixprec.nn.Conv1D, in place;
-    returns the model, or its replacement when the root itself is swapped."""
+def swap_projections(model: nn.Module) -> nn.Module:
+    """nn.Linear (exactly) -> mixprec.nn.Linear and transformers-style Conv1D -> mixprec.nn.Conv1D, in place, with
+    nothing cast (convert's swap_linear step on its own, e.g. for fp32 params that FSDP2's MixedPrecisionPolicy
+    casts); returns the model, or its replacement when the root itself is swapped."""
     if type(model) is nn.Linear:
         return Linear.from_linear(model)
     if is_conv1d_like(model):
         return Conv1D.from_conv1d(model)
     for name, child in model.named_children():
-        new = _swap_projections(child)
+        new = swap_projections(child)
         if new is not child:
             setattr(model, name, new)
     return model
@@ -187,13 +194,13 @@ def convert(model: nn.Module, dtype: torch.dtype, *, keep_fp32=DEFAULT_KEEP_FP32
         raise TypeError(f"keep_fp32 must hold nn.Module subclasses or predicates (module -> bool), got {bad!r}")
     if output_dtype is not None and not (isinstance(output_dtype, torch.dtype) and output_dtype.is_floating_point):
         raise ValueError(f"output_dtype must be a floating torch.dtype or None, got {output_dtype!r}")
-    if any(_is_dtensor(p) for p in model.parameters()):
+    if any(distributed.is_dtensor(p) for p in model.parameters()):
         raise ValueError("model: its parameters are already DTensors (FSDP2 fully_shard or tensor parallel); "
                          "casting them would detach them from the sharding. Pass the unsharded model and the "
                          "sharding as prepare(..., shard=fn)")
 
     if swap_linear:
-        model = _swap_projections(model)
+        model = swap_projections(model)
 
     for module in model.modules():
         if _keeps_fp32(module, keep_fp32):
@@ -227,16 +234,22 @@ def prepare(model: nn.Module, optimizer_class: type[torch.optim.Optimizer] | Non
     output_dtype: dtype of the model's floating outputs (fp32 so the loss is computed in fp32), or None.
     scaler_kwargs: GradScaler arguments over default_scaler_kwargs(dtype).
     shard: optional callable applied to the converted model before the optimizer is built, e.g.
-        `lambda m: fully_shard(m)` for FSDP2 (it may return the model or None). The optimizer and scaler classes
-        are then checked with check_dtensor_support.
+        mixprec.distributed.shard_blocks (FSDP2 block by block, see the module docstring) or
+        `lambda m: fully_shard(m)` (it may return the model or None). The optimizer and scaler classes are then
+        checked with check_dtensor_support, and the sharded params' placements with
+        mixprec.distributed.check_placements (ValueError naming the parameter).
     """
     if optimizer_class is None:
         optimizer_class = FusedAdamW
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
         raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+    if shard is not None and not callable(shard):
+        raise TypeError(f"shard must be a callable (model -> model or None), got {type(shard).__name__}")
     model = convert(model, dtype, keep_fp32=keep_fp32, swap_linear=swap_linear, output_dtype=output_dtype)
     if shard is not None:
         model = shard(model) or model
+        for name, p in model.named_parameters():
+            distributed.check_placements(f"parameter '{name}'", p)
     params = list(model.parameters())
     devices = {p.device for p in params}
     if len(devices) != 1:

@@ -14,7 +14,10 @@ scale whose reciprocal overflows) that also
   overflow_report()), warning once when the scale is stuck at its floor (mixprec.amp.diagnostics);
 - checks everything it is given (constructor, load_state_dict, update(new_scale)), and unscales each distinct
   gradient once, any strided layout;
-- all-reduces found_inf (MAX) when torch.distributed is initialized, so all ranks skip the same steps.
+- all-reduces found_inf (MAX) when torch.distributed is initialized, so all ranks skip the same steps;
+- takes FSDP2's sharded (DTensor) gradients: the pass runs on each rank's shards, and the sum of squares is
+  summed over the ranks the gradients are sharded on, so grad_norm() and clipping see the global norm
+  (mixprec.distributed).
 """
 from __future__ import annotations
 
@@ -28,9 +31,8 @@ from typing import Any
 import torch
 from torch.amp.grad_scaler import OptState
 
-from mixprec import _grad_norm
+from mixprec import _grad_norm, distributed
 from mixprec.amp.diagnostics import OverflowMonitor, OverflowReport
-from mixprec.ops import unscale_and_check_
 from mixprec.ops._validate import FLOAT_DTYPES
 
 # Keys of torch.amp.GradScaler.state_dict(); mixprec adds its own keys beside them (torch ignores unknown keys).
@@ -86,10 +88,14 @@ class GradScaler(torch.amp.GradScaler):
         gradient held inf/NaN (a flag written by the same fused pass), for overflow_report().
     min_scale_patience (int, default 3): warn once, with an overflow report, when this many overflowing steps
         have been taken at min_scale, or at the floor 2**-126 without one (the scale cannot back off any further).
-    process_group: all-reduce found_inf (MAX) over this group; by default over the default group whenever
-        torch.distributed is initialized. Needed so ranks skip the same steps when gradients differ per rank
-        (sharded gradients: FSDP, ZeRO). grad_norm() is this rank's own; all-reduce it yourself (SUM of
-        squares) when gradients are sharded.
+    process_group: all-reduce found_inf (MAX) over this group. By default, whenever torch.distributed is
+        initialized: over the default group, or, for DTensor grads on a mesh that is not the whole world, over
+        that mesh (mixprec.distributed.found_inf_groups). Needed so ranks skip the same steps when gradients
+        differ per rank (sharded gradients: FSDP, ZeRO). Sharded gradients: DTensor grads (FSDP2, HSDP) are
+        unscaled on each rank's shards and their sum of squares is SUM-reduced over the mesh dimensions they are
+        sharded on, in the same pass (one all-reduce of one number), so grad_norm() and clip_grad_norm_ are
+        global; gradients sharded by hand as plain tensors (ZeRO) give this rank's own norm: all-reduce it
+        yourself (SUM of squares).
 
     All arguments are checked even when disabled (torch checks its factors only when enabled), and so is
     everything load_state_dict and update(new_scale) take: ValueError naming the field.
@@ -125,6 +131,8 @@ class GradScaler(torch.amp.GradScaler):
     host; step for other optimizers reads found_inf once, as torch's does, to decide whether to call
     optimizer.step(). get_scale, state_dict, history, skipped_steps and overflow_report read on request.
     """
+
+    _mixprec_dtensor_support = True  # sharded (DTensor) grads: see mixprec.distributed
 
     def __init__(self, device: str = "cuda", init_scale: float = 2.0**16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000, enabled: bool = True, *,
@@ -270,6 +278,7 @@ class GradScaler(torch.amp.GradScaler):
                 elif g.device != device:
                     raise ValueError(f"{name} is on {g.device} but {first} is on {device}: GradScaler needs all "
                                      "gradients of one optimizer on one device (use one optimizer per device)")
+                distributed.check_placements(name, g)  # FSDP2's shards; not Partial (unreduced) grads
                 present.append(len(params) - 1)
                 grads.append(g)
         return params, present, grads, device
@@ -302,19 +311,19 @@ class GradScaler(torch.amp.GradScaler):
         norm_sq = torch.zeros((), dtype=torch.float32, device=device)
         flags = self._diagnostics.per_tensor_flags(optimizer, params, len(grads), device)
         with torch.no_grad():
-            unscale_and_check_(grads, inv_scale.to(device, non_blocking=True), found, norm_sq, per_tensor_inf=flags)
+            # DTensor grads (FSDP2): the kernel runs on the local shards, and norm_sq is summed over the ranks
+            distributed.unscale_and_check_(grads, inv_scale.to(device, non_blocking=True), found, norm_sq,
+                                           per_tensor_inf=flags)
         self._diagnostics.fold_flags(optimizer, present, flags)
         state.update(norm_sq=norm_sq, grads=grads, optimizer=optimizer)
         return {device: found}
 
     def _finish_check(self, optimizer, found_inf_per_device: dict) -> None:
         """After a pass: agree on found_inf across ranks, record it, publish the unscaled sum of squares."""
-        if self._distributed():
-            import torch.distributed as dist
-
-            for found in found_inf_per_device.values():
-                dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self._process_group)
         state = self._per_optimizer_states[id(optimizer)]
+        if self._distributed():
+            for found in found_inf_per_device.values():  # over the mesh of sharded grads, else the default group
+                distributed.all_reduce_found_inf_(found, state.get("grads") or (), self._process_group)
         state["found_inf_per_device"] = found_inf_per_device
         if state["norm_sq"] is not None:
             _grad_norm.publish(optimizer, state["norm_sq"])
@@ -473,7 +482,7 @@ class GradScaler(torch.amp.GradScaler):
         coef = _grad_norm.clip_coef(total, float(max_norm))
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
         for g in grads:
-            by_dtype[g.dtype].append(g)
+            by_dtype[g.dtype].append(distributed.local(g))
         with torch.no_grad():
             for same_dtype in by_dtype.values():
                 torch._foreach_mul_(same_dtype, coef)
