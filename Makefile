@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CMAKE_BUILD ?= cmake-build
 BENCH_OUT ?= bench-results
 
-.PHONY: setup build lint test test-python test-cpp bench gpu-wheels clean
+.PHONY: setup build lint test test-python test-cpp bench peers gpu-wheels clean
 
 setup: $(VENV)/.deps-installed
 
@@ -32,8 +32,12 @@ lint: setup
 
 test: lint test-cpp test-python
 
-bench: build
+bench: build peers
 	$(PY) -m mixprec bench --quick --output $(BENCH_OUT)
+
+# Optional peers of the benchmarks (bitsandbytes, torchao), without their dependencies: the pinned torch stays.
+peers: setup
+	$(PY) -m pip install -q --no-deps -r requirements-peers.txt
 
 # Test dependencies the lent GPU machine lacks (Python 3.12, x86-64, no network), installed by tools/gpu_check.sh.
 gpu-wheels: setup

@@ -38,10 +38,13 @@ def withdraw(optimizer, norm_sq: torch.Tensor) -> None:
 
 def sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The sum of squares of grads (all on device) as they are, for when nothing was published: a 0-dim fp32
-    tensor on device, from one pass that multiplies them by 1 (the fused op has no measure-only mode)."""
+    tensor on device, from one pass that multiplies them by 1 (the fused op has no measure-only mode; with
+    multiplier 1 its kernels only read). A tensor listed twice is one gradient, counted once (the op refuses
+    aliased lists)."""
     norm_sq = torch.zeros((), dtype=torch.float32, device=device)
+    distinct = list({id(g): g for g in grads}.values())
     with torch.no_grad():
-        unscale_and_check_(grads, torch.ones((), device=device), torch.zeros((), device=device), norm_sq)
+        unscale_and_check_(distinct, torch.ones((), device=device), torch.zeros((), device=device), norm_sq)
     return norm_sq
 
 

@@ -28,7 +28,7 @@ def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, per_tensor_inf
             continue
         g32 = g.float()
         bad = ~torch.isfinite(g32).all()
-        unscaled = g32 * inv_scale.float()
+        unscaled = g32 * inv_scale.float().reshape(())  # any one-element inv_scale, as torch's op
         total = total + unscaled.double().square().sum()
         _set_flag(found_inf, bad.reshape(found_inf.shape))
         if per_tensor_inf is not None:

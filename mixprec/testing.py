@@ -5,6 +5,8 @@ The selftest runs the same checks on a user's machine, so this lives in the inst
 re-exports it)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from mixprec import reference
@@ -91,36 +93,95 @@ def assert_max_rel_err(actual: torch.Tensor, expected: torch.Tensor, tol: float,
 
 # ---- Adam: variants, random states, the reference run, state comparison ----
 
-# (param dtype, master weights, stochastic rounding): the variants the kernels implement
+class AdamVariant(NamedTuple):
+    dtype: torch.dtype  # the params'
+    master: str  # "none", "fp32" (master_params) or "remainder" (param_remainders)
+    stochastic: bool  # stochastic rounding of bf16 params (sr_seed)
+
+
+# the param / master variants the kernels implement, each combinable with every state kind of STATES
 VARIANTS = {
-    "fp32": (torch.float32, False, False),
-    "fp16-master": (torch.float16, True, False),
-    "bf16-master": (torch.bfloat16, True, False),
-    "fp16": (torch.float16, False, False),
-    "bf16": (torch.bfloat16, False, False),
-    "bf16-sr": (torch.bfloat16, False, True),
+    "fp32": AdamVariant(torch.float32, "none", False),
+    "fp16-master": AdamVariant(torch.float16, "fp32", False),
+    "bf16-master": AdamVariant(torch.bfloat16, "fp32", False),
+    "fp16": AdamVariant(torch.float16, "none", False),
+    "bf16": AdamVariant(torch.bfloat16, "none", False),
+    "bf16-sr": AdamVariant(torch.bfloat16, "none", True),
+    "bf16-remainder": AdamVariant(torch.bfloat16, "remainder", False),
 }
+# state kind -> exp_avgs' dtype (exp_avg_sqs: mixprec.ops.adam.STATE_DTYPES); int8 comes with block scales and
+# without amsgrad
+STATES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+ADAM_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs", "master_params",
+              "param_remainders", "exp_avg_scales", "exp_avg_sq_scales")
+
+
+def is_issue12_mode(variant: str, state: str = "fp32") -> bool:
+    """Whether the mode needs issue #12's kernels (remainder masters, bf16 or int8 states)."""
+    return VARIANTS[variant].master == "remainder" or state != "fp32"
+
+
+def backend_runs(backend: str, variant: str, state: str = "fp32") -> bool:
+    """Whether `backend` (a backend= name) runs the mode: the extension's backends run issue #12's modes once its
+    schema has their lists (its C++ lands separately; until then mixprec.ops refuses them there)."""
+    if backend in ("cpu", "cuda") and is_issue12_mode(variant, state):
+        from mixprec.ops import adam
+
+        return adam._EXT_HAS_ISSUE12
+    return True
+
+
+def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t's values stored in `layout`: "contiguous"; "transposed" (a 2-D tensor stored column-major);
+    "channels_last" (a 4-D tensor). Idempotent, so that every tensor of a state can be passed through it."""
+    if layout == "transposed":
+        return t.t().contiguous().t()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
 
 
 def random_state(shapes, variant: str, *, amsgrad: bool, seed: int, specials: bool = False, step: float = 4.0,
-                 device="cpu") -> dict:
-    """The list arguments of adam_step_ for `variant`, as a dict: params near +-2, grads over several binades
-    (planted inf/NaN when `specials`), m and v as after a few steps, masters a little off their params (so
-    that the param must be written from the master)."""
+                 device="cpu", state: str = "fp32", layout: str = "contiguous") -> dict:
+    """The list arguments of adam_step_ for `variant` with `state` moments, as a dict (every list of the schema;
+    the unused ones empty): params near +-2, grads over several binades (planted inf/NaN when `specials`), m and v
+    as after a few steps (int8: quantized, with their block scales), masters a little off their params (so that
+    the param must be written from the master; remainder masters: the split of such a master), every per-element
+    tensor stored in `layout`."""
     dtype, master, _ = VARIANTS[variant]
     gen = torch.Generator().manual_seed(seed)
-    st = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs", "master_params")}
+    st = {k: [] for k in ADAM_LISTS}
+
+    def lay(t):
+        return relayout(t, layout)
+
     for shape in shapes:
         w = torch.randn(shape, generator=gen) * 2
-        st["params"].append(w.to(dtype))
-        st["grads"].append(random_grad(w.numel(), dtype, generator=gen, specials=specials, scale=8.0).reshape(shape))
-        st["exp_avgs"].append(torch.randn(shape, generator=gen) * 0.1)
-        st["exp_avg_sqs"].append(torch.rand(shape, generator=gen) * 0.01)
+        master_w = lay(w + torch.randn(shape, generator=gen) * 1e-3)
+        grad = random_grad(w.numel(), dtype, generator=gen, specials=specials, scale=8.0).reshape(shape)
+        st["grads"].append(lay(grad))
+        m, v = lay(torch.randn(shape, generator=gen) * 0.1), lay(torch.rand(shape, generator=gen) * 0.01)
+        if state == "int8":
+            for key, scales_key, x, signed in (("exp_avgs", "exp_avg_scales", m, True),
+                                               ("exp_avg_sqs", "exp_avg_sq_scales", v, False)):
+                codes, scales = reference.quantize_blockwise(x, signed=signed)
+                st[key].append(lay(codes))
+                st[scales_key].append(scales)
+        else:
+            st["exp_avgs"].append(lay(m.to(STATES[state])))
+            st["exp_avg_sqs"].append(lay(v.to(STATES[state])))
         st["steps"].append(torch.tensor(step))
         if amsgrad:
-            st["max_exp_avg_sqs"].append(st["exp_avg_sqs"][-1] * torch.rand(shape, generator=gen) * 2)
-        if master:
-            st["master_params"].append(w + torch.randn(shape, generator=gen) * 1e-3)
+            st["max_exp_avg_sqs"].append(lay((v * torch.rand(shape, generator=gen) * 2).to(STATES[state])))
+        if master == "fp32":
+            st["params"].append(lay(w.to(dtype)))
+            st["master_params"].append(master_w)
+        elif master == "remainder":
+            param, remainder = reference.remainder_split(master_w)
+            st["params"].append(lay(param))
+            st["param_remainders"].append(lay(remainder))
+        else:
+            st["params"].append(lay(w.to(dtype)))
     return {k: [t.to(device) for t in v] for k, v in st.items()}
 
 
@@ -132,7 +193,7 @@ def hyper(variant: str, *, device="cpu", decoupled=True, maximize=False, weight_
 
     return dict(lr=scalar(1e-3), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, decoupled=decoupled,
                 maximize=maximize, grad_scale=scalar(scale), found_inf=scalar(found_inf), clip_coef=scalar(clip),
-                sr_seed=1234 if VARIANTS[variant][2] else None)
+                sr_seed=1234 if VARIANTS[variant].stochastic else None)
 
 
 def run_reference(st: dict, kw: dict) -> None:
@@ -141,10 +202,16 @@ def run_reference(st: dict, kw: dict) -> None:
     reference.adam_step_(**st, **{**kw, "sr_seed": -1 if sr is None else sr})
 
 
+def clone_state(st: dict) -> dict:
+    """A copy of every tensor of a state (dense tensors keep their strides)."""
+    return {k: [t.clone() for t in v] for k, v in st.items()}
+
+
 def assert_states_equal(actual: dict, expected: dict, what: str) -> None:
     for key in actual:
         for i, (a, e) in enumerate(zip(actual[key], expected[key])):
             assert_bitwise_equal(a, e, f"{what}: {key}[{i}]")
+            assert a.stride() == e.stride() or a.numel() <= 1, f"{what}: {key}[{i}] strides {a.stride()}"
 
 
 # ---- GEMM operands ----

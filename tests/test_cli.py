@@ -133,19 +133,31 @@ def test_every_bench_script_has_run():
         assert run is not None and list(pyinspect.signature(run).parameters) == ["quick", "device"], name
 
 
-def test_bench_failing_script_is_reported_not_fatal(tmp_path, monkeypatch):
-    # a script that raises and one that works: both run, the failure is named, the exit code is non-zero
+def _fake_row(device: str) -> dict:
+    return {"op": "fine", "backend": "cpu", "device": device, "shape": "1", "dtype": "float32", "median_ms": 1.0,
+            "q25_ms": 1.0, "q75_ms": 1.0, "unit": "GB/s", "value": 1.0, "ceiling": 2.0, "peers": {"torch": 1.5},
+            "notes": ""}
+
+
+@pytest.fixture
+def fake_scripts(monkeypatch):
+    """bench_broken (fails) and bench_fine (one row) in place of the real scripts; returns the list of the
+    scripts run, so that a test can say nothing ran."""
+    ran = []
     monkeypatch.setattr(bench, "discover", lambda: ["bench_broken", "bench_fine"])
 
     def fake_run(script, device, **kw):
+        ran.append(script)
         if script == "bench_broken":
             return bench.Outcome(script, device, 0.1, [], "exit code 1\nValueError: boom")
-        row = {"op": "fine", "backend": "cpu", "device": device, "shape": "1", "dtype": "float32",
-               "median_ms": 1.0, "q25_ms": 1.0, "q75_ms": 1.0, "unit": "GB/s", "value": 1.0, "ceiling": 2.0,
-               "peers": {}, "notes": ""}
-        return bench.Outcome(script, device, 0.1, [row], None)
+        return bench.Outcome(script, device, 0.1, [_fake_row(device)], None)
 
     monkeypatch.setattr(bench, "run_script", fake_run)
+    return ran
+
+
+def test_bench_failing_script_is_reported_not_fatal(tmp_path, fake_scripts):
+    # a script that raises and one that works: both run, the failure is named, the exit code is non-zero
     parser = __import__("argparse").ArgumentParser()
     bench.add_arguments(parser)
     argv = ["--device", "cpu", "--output", str(tmp_path)]
@@ -153,6 +165,136 @@ def test_bench_failing_script_is_reported_not_fatal(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "results.json").read_text())
     assert [f["script"] for f in result["failures"]] == ["bench_broken"]
     assert [r["op"] for r in result["rows"]] == ["fine"]
+
+
+def _cli_usage_error(capsys, *argv) -> str:
+    """Runs `python -m mixprec bench ARGV` in this process; asserts an argparse-style refusal (exit code 2, the
+    usage line) and returns the error line."""
+    from mixprec.tools import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.startswith("usage: python -m mixprec bench") and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def _unusable_outputs(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    return {"a file": (str(a_file), "exists and is not a directory"),
+            "below a file": (str(a_file / "sub"), "cannot create the directory"),
+            "read-only folder": (str(tmp_path / "read-only"), "cannot write in")}
+
+
+@pytest.mark.parametrize("kind", ["a file", "below a file", "read-only folder"])
+def test_bench_refuses_an_unusable_output_before_running(kind, tmp_path, fake_scripts, capsys, monkeypatch):
+    path, message = _unusable_outputs(tmp_path)[kind]
+    if kind == "read-only folder":
+        os.mkdir(path)
+        os.chmod(path, 0o500)
+        real_mkstemp = bench.tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kw):  # root ignores the mode bits: refuse as a read-only mount would
+            if os.path.abspath(dir) == os.path.abspath(path):
+                raise PermissionError(13, "Permission denied")
+            return real_mkstemp(*args, dir=dir, **kw)
+
+        monkeypatch.setattr(bench.tempfile, "mkstemp", mkstemp)
+    line = _cli_usage_error(capsys, "--device", "cpu", "--output", path)
+    assert line.startswith("python -m mixprec bench: error: --output") and message in line, line
+    assert fake_scripts == [], "a benchmark ran before the output was checked"
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "soon"])
+def test_bench_timeout_must_be_a_positive_number(value, fake_scripts, tmp_path, capsys):
+    line = _cli_usage_error(capsys, "--timeout", value, "--output", str(tmp_path))
+    assert f"argument --timeout: must be a positive number of seconds, got '{value}'" in line
+
+
+def test_bench_from_json_must_be_a_results_file(tmp_path, capsys):
+    assert "--from-json" in _cli_usage_error(capsys, "--from-json", str(tmp_path / "missing.json"))
+    assert "no such file" in _cli_usage_error(capsys, "--from-json", str(tmp_path / "missing.json"))
+    (tmp_path / "text.json").write_text("results: none")
+    assert "is not JSON" in _cli_usage_error(capsys, "--from-json", str(tmp_path / "text.json"))
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    assert "is not a results.json" in _cli_usage_error(capsys, "--from-json", str(tmp_path / "other.json"))
+    assert "is a directory" in _cli_usage_error(capsys, "--from-json", str(tmp_path))
+
+
+def test_bench_refuses_an_unwritable_benchmarks_md_before_running(tmp_path, fake_scripts, capsys):
+    out = str(tmp_path / "out")
+    line = _cli_usage_error(capsys, "--device", "cpu", "--output", out, "--update-benchmarks-md",
+                            str(tmp_path / "no-such-dir" / "BENCHMARKS.md"))
+    assert "--update-benchmarks-md" in line and "no such directory" in line
+    line = _cli_usage_error(capsys, "--device", "cpu", "--output", out, "--update-benchmarks-md", str(tmp_path))
+    assert "is a directory, not a file" in line
+    assert fake_scripts == []
+
+
+def test_bench_usage_errors_have_no_traceback():
+    """The same refusal as the in-process tests above, seen from a shell: exit code 2, no traceback."""
+    proc = _python("bench", "--from-json", os.path.join(ROOT, "no-such-results.json"), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: --from-json" in proc.stderr and "no such file" in proc.stderr
+
+
+def _files(folder) -> set:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_bench_full_disk_keeps_the_previous_results(tmp_path, fake_scripts, monkeypatch, capsys):
+    """A write that fails part way (ENOSPC) leaves the previous results.json and BENCHMARKS.md whole, no temporary
+    file behind, and says so (exit code 1), with the run's table still on stdout."""
+    from mixprec.tools import cli
+
+    (tmp_path / "results.json").write_text('{"previous": true}')
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# previous\n")
+    real_dump = json.dump
+
+    def dump_then_fill_the_disk(obj, f, **kw):
+        f.write('{"rows": [')  # a partial file, as a full disk leaves it
+        raise OSError(28, "No space left on device")
+
+    def benchmarks_md_fails(result):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bench.json, "dump", dump_then_fill_the_disk)
+    monkeypatch.setattr(bench, "benchmarks_md", benchmarks_md_fails)
+    rc = cli.main(["bench", "--device", "cpu", "--output", str(tmp_path), "--update-benchmarks-md", str(md)])
+    out, err = capsys.readouterr()
+    monkeypatch.setattr(bench.json, "dump", real_dump)
+    assert rc == 1
+    assert (tmp_path / "results.json").read_text() == '{"previous": true}' and md.read_text() == "# previous\n"
+    assert _files(tmp_path) == {"results.json", "BENCHMARKS.md"}, "a temporary file was left behind"
+    assert "could not write the results" in err and "No space left on device" in err and "Traceback" not in err
+    assert "fine" in out  # the run's table
+
+
+def test_bench_writes_every_file_whole_with_the_usual_mode(tmp_path, fake_scripts, monkeypatch):
+    """Atomic writes go through mkstemp (mode 0600): the files must still get the umask's mode, or keep the one
+    the previous file had; the plots are whole PNGs; no temporary files remain."""
+    from mixprec.tools import cli
+
+    umask = os.umask(0o022)
+    try:
+        (tmp_path / "results.csv").write_text("old")
+        os.chmod(tmp_path / "results.csv", 0o600)
+        md = tmp_path / "BENCHMARKS.md"
+        assert cli.main(["bench", "--device", "cpu", "--output", str(tmp_path), "--update-benchmarks-md",
+                         str(md)]) == 1  # bench_broken fails
+    finally:
+        os.umask(umask)
+    assert _files(tmp_path) == {"results.json", "results.csv", "ratios.png", "vs_ceiling.png", "BENCHMARKS.md"}
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"results.json": 0o644, "results.csv": 0o600, "ratios.png": 0o644, "vs_ceiling.png": 0o644,
+                     "BENCHMARKS.md": 0o644}
+    for plot in ("ratios.png", "vs_ceiling.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["op"] == "fine"
+    assert "| fine |" in md.read_text()
 
 
 def test_bench_worker_reports_a_raising_script():

@@ -175,10 +175,10 @@ def test_fsdp2_matches_single_process_or_names_the_limitation(tmp_path):
         assert "FSDP2" in res.get("fused_error", "") and "DTensor" in res["fused_error"], res.get("fused_error")
         assert "sharding strategy" in res.get("op_error", ""), res.get("op_error")
         assert "model: its parameters are already DTensors" in res.get("convert_error", "")
-    # the optimizer and scaler prepare() picks: trained through FSDP2 when both support DTensors, otherwise
-    # refused by name (today mixprec.amp.GradScaler: its fused unscale is a custom op)
+    # the optimizer and scaler prepare() picks: trained through FSDP2 when both declare DTensor support (they run
+    # their kernels on the shards through mixprec.distributed), otherwise refused by name
     parts = (mixprec.optim.FusedAdamW, mixprec.amp.GradScaler)
-    unsupported = [c for c in parts if c.__module__.startswith("mixprec.")]
+    unsupported = [c for c in parts if not getattr(c, "_mixprec_dtensor_support", False)]
     if unsupported:
         for res in ranks:
             assert "prepare_error" in res, "prepare() accepted DTensor params for classes that do not support them"

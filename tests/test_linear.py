@@ -107,3 +107,47 @@ def test_compiled_model_trains(dtype, backend):
         losses.append(loss.item())
     assert all(p.grad.dtype == dtype for p in model.parameters())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-3), (torch.bfloat16, 1e-2)])
+def test_linear_in_out_forward_backward(dtype, tol, backend):
+    """y = x @ W + b with W stored [in, out] (transformers' Conv1D): against fp64; dW comes back [in, out] and
+    contiguous, in the weight's own layout."""
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(2, 7, 33, generator=gen).to(dtype).requires_grad_()
+    w = torch.randn(33, 17, generator=gen).to(dtype).requires_grad_()
+    b = torch.randn(17, generator=gen).to(dtype).requires_grad_()
+    gy = torch.randn(2, 7, 17, generator=gen).to(dtype)
+    y = mixprec.functional.linear_in_out(x, w, b, backend=backend)
+    y.backward(gy)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    (xd @ wd + bd).backward(gy.double())
+    for name, got, ref in (("y", y, xd @ wd + bd), ("dx", x.grad, xd.grad), ("dw", w.grad, wd.grad),
+                           ("db", b.grad, bd.grad)):
+        assert got.dtype == dtype and got.shape == ref.shape, name
+        assert rel_err(got, ref) <= tol, f"{name}: {rel_err(got, ref):.2e}"
+    assert w.grad.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_main_grad_of_an_in_out_weight(backend):
+    """main_grad of a [in, out] weight receives x^T dy (not its transpose), accumulated in fp32 over calls."""
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(3, 9, 20, generator=gen).half()
+    w = torch.randn(20, 6, generator=gen).half().requires_grad_()
+    w.main_grad = torch.randn(20, 6, generator=gen)
+    start = w.main_grad.clone()
+    gy = torch.randn(3, 9, 6, generator=gen).half()
+    for _ in range(2):
+        mixprec.functional.linear_in_out(x, w, backend=backend).backward(gy)
+    ref = start.double() + 2 * x.reshape(-1, 20).double().t() @ gy.reshape(-1, 6).double()
+    assert w.grad is None
+    assert rel_err(w.main_grad, ref) <= 1e-6
+
+
+def test_linear_in_out_bad_input():
+    with pytest.raises(ValueError, match=r"^x must have shape \[..., in_features\] = \[..., 6\]"):
+        mixprec.functional.linear_in_out(torch.zeros(3, 5, dtype=torch.half), torch.zeros(6, 4, dtype=torch.half))
+    with pytest.raises(ValueError, match=r"^weight must be a 2-D tensor \[in_features, out_features\]"):
+        mixprec.functional.linear_in_out(torch.zeros(3, 5, dtype=torch.half), torch.zeros(5, dtype=torch.half))

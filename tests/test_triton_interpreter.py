@@ -26,3 +26,24 @@ def test_loop_over_a_runtime_bound():
     out = torch.zeros(1)
     _sum_kernel[(1,)](x, out, x.numel(), BLOCK=16)
     assert out.item() == 4950.0
+
+
+@triton.jit
+def _row_absmax_kernel(x_ptr, codes_ptr, out_ptr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    offs = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    bits = tl.abs(tl.load(x_ptr + offs)).to(tl.int32, bitcast=True)
+    tl.store(out_ptr + tl.arange(0, ROWS), tl.max(bits, axis=1).to(tl.float32, bitcast=True))
+    tl.store(codes_ptr + offs, tl.load(codes_ptr + offs).to(tl.int32) + 1)  # widen (uint8: zero-extend), narrow
+
+
+def test_what_the_int8_adam_kernel_relies_on():
+    """kernels/adam.py's int8 blocks: a [rows, 256] tile's row absmax as an integer max of the magnitudes' bits (a
+    NaN wins, -0.0 counts as 0) and uint8 codes widened without sign extension, under the interpreter."""
+    x = torch.randn(2, 256)
+    x[1, 7] = float("nan")
+    x[0] = -x[0].abs()
+    codes = torch.arange(512).to(torch.uint8).reshape(2, 256)
+    out = torch.zeros(2)
+    _row_absmax_kernel[(1,)](x, codes, out, ROWS=2, COLS=256)
+    assert out[0].item() == x[0].abs().max().item() and torch.isnan(out[1])
+    assert torch.equal(codes, ((torch.arange(512) + 1) % 256).to(torch.uint8).reshape(2, 256))

@@ -130,8 +130,9 @@ def test_empty_list_and_all_none_are_no_ops():
     (lambda g, i, f: mixprec.ops.unscale_and_check_(g, i, f.to("meta")), "found_inf must be on cpu"),
     (lambda g, i, f: mixprec.ops.unscale_and_check_(g + [torch.ones(2, device="meta")], i, f),
      r"grads\[1\] is on meta"),
-    (lambda g, i, f: mixprec.ops.unscale_and_check_([torch.ones(4, 4)[:, 0]], i, f),
-     r"grads\[0\] must be non-overlapping"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_(g + [torch.ones(1).expand(4)], i, f),
+     r"grads\[1\] has elements that share memory"),
+    (lambda g, i, f: mixprec.ops.unscale_and_check_(g + [g[0][2:5]], i, f), r"grads\[0\] and grads\[1\] share memory"),
     (lambda g, i, f: mixprec.ops.unscale_and_check_([torch.ones(4).to_sparse()], i, f), r"grads\[0\] must be a dense"),
     (lambda g, i, f: mixprec.ops.unscale_and_check_(g, i, f, per_tensor_inf=torch.zeros(3)), "per_tensor_inf must be"),
     (lambda g, i, f: mixprec.ops.unscale_and_check_(g, i, f, backend="gpu"), "backend must be one of"),
@@ -147,6 +148,14 @@ def test_bad_input_names_the_argument(bad_call, match):
 
 def test_extension_checks_arguments_too():
     """Direct torch.ops callers bypass the Python checks; the C++ op refuses bad input itself."""
+    g = torch.ones(100_000)
+    for aliased in ([g, g], [g[:10], torch.ones(3), g[9:20]], [torch.ones(3), g, g[-1:]]):
+        with pytest.raises(ValueError, match=r"grads\[\d\] and grads\[\d\] share memory"):
+            torch.ops.mixprec.unscale_and_check_(aliased, torch.tensor([0.5]), torch.zeros(1))
+    assert torch.equal(g, torch.ones(100_000))
+    halves = [g[:50_000], g[50_000:]]  # disjoint views of one buffer (DDP's bucket views) are fine
+    torch.ops.mixprec.unscale_and_check_(halves, torch.tensor([0.5]), torch.zeros(1))
+    assert torch.equal(g, torch.full((100_000,), 0.5))
     with pytest.raises(RuntimeError, match=r"grads\[0\] must be float32, float16 or bfloat16"):
         torch.ops.mixprec.unscale_and_check_([torch.ones(3, dtype=torch.int64)], torch.ones(1), torch.zeros(1))
     with pytest.raises(RuntimeError, match="norm_sq must be float32"):
@@ -196,6 +205,107 @@ def test_property_cpu_matches_reference(sizes, dtype_ids, log2_scale, seed, pois
         assert n.item() == pytest.approx(rn.item(), rel=1e-5)
     else:
         assert n.item() == rn.item() or (torch.isnan(n).item() and torch.isnan(rn).item())
+
+
+# ------------------------------------------------------------------- layouts, aliases, what is refused
+def _gappy_views(dtype, gen, specials):
+    """Strided views with gaps, as torch hands out (slices, steps, transposes of slices), of fresh bases."""
+    def base(*shape):
+        return random_grad(int(torch.tensor(shape).prod()), dtype, generator=gen, specials=specials).reshape(shape)
+    return [base(4, 8)[:, :5], base(9, 7)[::2, 1::3], base(6, 10).t()[2:7], base(3, 4, 5)[:, 1:3, ::2],
+            base(2, 600)[:, ::3], base(1, 1)[:, :1], base(5, 3)[:, 1]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("specials", [False, True])
+def test_strided_views_with_gaps_unscale_as_torch(backend, dtype, specials):
+    """Non-dense grads go through a dense copy: bitwise torch's values, the memory around them untouched, in one
+    call with a dense grad, a None entry and per-tensor flags."""
+    gen = torch.Generator().manual_seed(11 + DTYPES.index(dtype) + 5 * specials)
+    views = _gappy_views(dtype, gen, specials)
+    dense = random_grad(50, dtype, generator=gen)
+    grads = [dense, *views[:3], None, *views[3:]]
+    # torch's op on copies of the whole bases, through views of the same strides: it writes only the views
+    expected_bases = [v._base.clone() for v in views]
+    expected = [dense.clone()] + [b.as_strided(v.shape, v.stride(), v.storage_offset())
+                                  for b, v in zip(expected_bases, views)]
+    inv_scale, found_inf, norm_sq = _scalars(1 / 3)
+    torch_found = torch.zeros(1)
+    torch._amp_foreach_non_finite_check_and_unscale_(expected, torch_found, inv_scale)
+    # the op sums the squares of the unscaled fp32 values, before rounding to the grads' dtype (as the spec does)
+    expected_norm = sum(float((g.float() * inv_scale).double().square().sum()) for g in [dense, *views])
+
+    flags = torch.zeros(len(grads))
+    mixprec.ops.unscale_and_check_(grads, inv_scale, found_inf, norm_sq, per_tensor_inf=flags, backend=backend)
+    assert_bitwise_equal(dense, expected[0], f"{backend} {dtype} dense grad")
+    for k, (v, b) in enumerate(zip(views, expected_bases)):
+        assert_bitwise_equal(v._base, b, f"{backend} {dtype} view {k} {tuple(v.shape)}:{v.stride()} and around it")
+    assert found_inf.item() == torch_found.item() == (1.0 if specials else 0.0)
+    bad = [float(not torch.isfinite(e.float()).all()) for e in expected]
+    assert flags.tolist() == bad[:4] + [0.0] + bad[4:]
+    if not specials:
+        assert norm_sq.item() == pytest.approx(expected_norm, rel=1e-5)
+
+
+@pytest.mark.parametrize("inv_shape", [(1,), (), (1, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_dim_grads_with_any_one_element_inv_scale(backend, dtype, inv_shape):
+    """torch's _amp_foreach_non_finite_check_and_unscale_ takes a 0-dim grad with a (1,)-shaped inv_scale: so does
+    every backend, and the grad stays 0-dim."""
+    gen = torch.Generator().manual_seed(2)
+    grads = [random_grad(1, dtype, generator=gen).reshape(()), random_grad(5, dtype, generator=gen)]
+    inv_scale = torch.full(inv_shape, 1 / 3)
+    expected, _ = _torch_unscale(grads, inv_scale)
+    found_inf, norm_sq = torch.zeros(inv_shape), torch.zeros(inv_shape)
+    mixprec.ops.unscale_and_check_(grads, inv_scale, found_inf, norm_sq, backend=backend)
+    for g, e in zip(grads, expected):
+        assert_bitwise_equal(g, e, f"{backend} {dtype} inv_scale {inv_shape}")
+    assert found_inf.shape == inv_shape and found_inf.item() == 0.0
+
+
+def _inference(t):
+    with torch.inference_mode():
+        return t.clone()
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("same tensor twice", ValueError, r"grads\[0\] and grads\[2\] share memory"),
+    ("overlapping views", ValueError, r"grads\[1\] and grads\[2\] share memory"),
+    ("expanded grad", RuntimeError, r"grads\[2\] has elements that share memory"),
+    ("inference grad", RuntimeError, r"grads\[2\] is an inference tensor"),
+    ("leaf requiring grad", RuntimeError, r"grads\[2\] is a leaf tensor that requires grad"),
+    ("inference found_inf", RuntimeError, r"found_inf is an inference tensor"),
+    ("inference norm_sq", RuntimeError, r"norm_sq is an inference tensor"),
+])
+def test_every_backend_refuses_the_same_and_writes_nothing(backend, case, error, match):
+    g0, g1 = torch.randn(300), torch.randn(2, 40).half()
+    found_inf, norm_sq = torch.zeros(1), torch.zeros(1)
+    third = {"same tensor twice": g0, "overlapping views": g1.view(-1)[30:50], "expanded grad": torch.ones(1).expand(9),
+             "inference grad": _inference(torch.randn(4)), "leaf requiring grad": torch.randn(4, requires_grad=True)}
+    grads = [g0, g1, third.get(case, torch.randn(6))]
+    if case == "inference found_inf":
+        found_inf = _inference(found_inf)
+    if case == "inference norm_sq":
+        norm_sq = _inference(norm_sq)
+    before = [g.detach().clone() for g in grads]
+    with pytest.raises(error, match=match):
+        mixprec.ops.unscale_and_check_(grads, torch.tensor([0.5]), found_inf, norm_sq, backend=backend)
+    for g, b in zip(grads, before):
+        assert_bitwise_equal(g.detach(), b, f"{backend}: {case} must leave every grad as it was")
+    assert found_inf.item() == 0.0 and norm_sq.item() == 0.0
+
+
+def test_writable_where_torch_allows_it(backend):
+    """The refusals are torch's in-place rules: a leaf requiring grad is written under no_grad, an inference
+    tensor under inference_mode."""
+    leaf = torch.full((4,), 2.0, requires_grad=True)
+    with torch.no_grad():
+        mixprec.ops.unscale_and_check_([leaf], torch.tensor([0.5]), torch.zeros(1), backend=backend)
+    assert leaf.tolist() == [1.0] * 4
+    with torch.inference_mode():
+        g, found_inf = torch.full((4,), 2.0), torch.zeros(1)
+        mixprec.ops.unscale_and_check_([g], torch.tensor([0.5]), found_inf, backend=backend)
+    assert g.tolist() == [1.0] * 4
 
 
 @pytest.mark.cuda

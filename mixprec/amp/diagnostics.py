@@ -1,12 +1,13 @@
 """GradScaler's overflow diagnostics: kept on the device as steps happen, read on the host only when asked.
 
 OverflowMonitor, owned by the scaler, keeps the last (scale, overflowed) pairs in a ring buffer, counts the
-skipped steps and the overflowing steps taken at min_scale (warning once when the scale is stuck there),
-remembers each optimizer's params and, with track_overflow, counts per tensor the steps whose gradient held
-inf/NaN. OverflowReport and OverflowCulprit are what it materializes.
+skipped steps and the overflowing steps taken at min_scale, warns once when the scale is stuck at its floor
+(min_scale, or 2**-126 without one), remembers each optimizer's params and, with track_overflow, counts per tensor
+the steps whose gradient held inf/NaN. OverflowReport and OverflowCulprit are what it materializes.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 import weakref
 from collections.abc import Callable
@@ -70,10 +71,12 @@ class _OptimizerRecord:
         self.labels = labels
         self.counts: torch.Tensor | None = None  # per param: overflowing steps (track_overflow only)
         self.last: torch.Tensor | None = None  # per param: 1.0 where the last checked step held inf/NaN
+        self.uncounted = False  # `last` is this iteration's and not yet in `counts`
         self._index: tuple[tuple[int, ...], torch.Tensor] | None = None
 
-    def add_flags(self, present: list[int], flags: torch.Tensor) -> None:
-        """Fold the fused op's per-tensor flags (one per present grad) into the per-param counts."""
+    def set_last(self, present: list[int], flags: torch.Tensor) -> None:
+        """Take the fused op's per-tensor flags (one per present grad) as this iteration's; a later pass in the
+        same iteration (a library checking once per param group) replaces them, so each step counts once."""
         n = len(self.params)
         if self.counts is None:
             self.counts = torch.zeros(n, dtype=torch.float32, device=flags.device)
@@ -86,14 +89,19 @@ class _OptimizerRecord:
             if self._index is None or self._index[0] != key:
                 self._index = (key, torch.tensor(key, dtype=torch.long, device=flags.device))
             self.last.zero_().index_copy_(0, self._index[1], flags)
-        self.counts.add_(self.last)
+        self.uncounted = True
+
+    def count(self) -> None:
+        if self.uncounted:
+            self.counts.add_(self.last)
+            self.uncounted = False
 
 
 class OverflowMonitor:
     """The scaler's diagnostics state: device counters and ring buffer, per-optimizer records, min-scale watch.
 
-    min_scale is the scaler's setting (load_state_dict may change it) and is passed in; `report` arguments are
-    the scaler's overflow_report, which the min-scale warning prints.
+    The floor (the scaler's min_scale, or 2**-126 without one; load_state_dict may change it) is passed in, with
+    `explicit` telling which; `report` arguments are the scaler's overflow_report, which the warning prints.
     """
 
     def __init__(self, history: int, track_overflow: bool, min_scale_patience: int) -> None:
@@ -143,9 +151,15 @@ class OverflowMonitor:
         return torch.zeros(count, dtype=torch.float32, device=device) if self.track_overflow else None
 
     def fold_flags(self, optimizer, present: list[int], flags: torch.Tensor | None) -> None:
-        """Count the flags from per_tensor_flags, filled for the params at positions `present`."""
+        """Keep the flags from per_tensor_flags, filled for the params at positions `present`, as this
+        iteration's; count_flags() adds them to the per-tensor counts once per step."""
         if flags is not None and present:
-            self._records[optimizer].add_flags(present, flags)
+            self._records[optimizer].set_last(present, flags)
+
+    def count_flags(self) -> None:
+        """At update(): add each optimizer's flags of this iteration to its counts."""
+        for record in self._records.values():
+            record.count()
 
     def record_step(self, scale: torch.Tensor, overflow: torch.Tensor, min_scale: float | None) -> None:
         """Record one update(): the scale the step used and whether it overflowed (0-dim bool), on the device."""
@@ -157,23 +171,26 @@ class OverflowMonitor:
             self._min_hits.add_(overflow & (scale <= min_scale))
 
     # -------------------------------------------------------------------------------- min-scale warning
-    def watch_min_scale(self, min_scale: float | None, report: Callable[[], OverflowReport]) -> None:
-        """Warn once when the scale is stuck at min_scale, without making any step wait for the device.
+    def watch_min_scale(self, floor: float, explicit: bool, report: Callable[[], OverflowReport]) -> None:
+        """At update(), with an explicit min_scale: warn once when the scale is stuck there, without making any
+        step wait for the device. (At the default floor, which only a diverged run reaches, nothing is counted or
+        read per step: get_scale, skipped_steps and overflow_report, which read the device anyway, warn; see
+        check_stuck.)
 
         On the CPU the counter is read directly. On CUDA each update() copies it to pinned host memory without
         blocking and reads the copy made by an earlier update() once its event shows it has arrived, so the
         warning comes a step or so late. Other devices are checked by skipped_steps().
         """
-        if min_scale is None or self._warned_min_scale:
+        if not explicit or self._warned_min_scale:
             return
         device = self._min_hits.device
         if device.type == "cpu":
-            self._maybe_warn_min_scale(int(self._min_hits), min_scale, report)
+            self._maybe_warn_min_scale(int(self._min_hits), floor, explicit, report)
         elif device.type == "cuda":
             pending = self._min_hits_pending
             if pending is not None and pending[1].query():
                 self._min_hits_pending = None
-                self._maybe_warn_min_scale(int(pending[0]), min_scale, report)
+                self._maybe_warn_min_scale(int(pending[0]), floor, explicit, report)
             if self._min_hits_pending is None and not self._warned_min_scale:
                 host = torch.empty((), dtype=torch.int32, pin_memory=True)
                 host.copy_(self._min_hits, non_blocking=True)
@@ -181,15 +198,34 @@ class OverflowMonitor:
                 event.record()
                 self._min_hits_pending = (host, event)
 
-    def _maybe_warn_min_scale(self, hits: int, min_scale: float | None, report: Callable[[], OverflowReport]) -> None:
-        if self._warned_min_scale or min_scale is None or hits < self.min_scale_patience:
+    def _maybe_warn_min_scale(self, hits: int, floor: float, explicit: bool,
+                              report: Callable[[], OverflowReport]) -> None:
+        if self._warned_min_scale or hits < self.min_scale_patience:
             return
         self._warned_min_scale = True
-        # stacklevel 4 points at the user's scaler.update() or scaler.skipped_steps(): each reaches here in two calls.
-        warnings.warn(f"mixprec GradScaler: {hits} overflowing steps were taken at min_scale={min_scale:g}, "
-                      "where the scale cannot back off any further; these steps are skipped. Pass "
-                      "model.named_parameters() to scaler.overflow_report() to name the tensors.\n"
-                      f"{report()}", RuntimeWarning, stacklevel=4)
+        where = (f"min_scale={floor:g}" if explicit else
+                 f"the scale's floor {floor:g} (2**-126, the smallest normal float32: below it 1/scale overflows, "
+                 "and unscaling would write inf into the weights; the gradients overflow at any scale, look for "
+                 "inf/NaN in the loss or the model)")
+        # stacklevel 4 points at the user's update(), get_scale() or skipped_steps(): each reaches here in two calls
+        # (overflow_report() in three).
+        warnings.warn(f"mixprec GradScaler: {hits} overflowing steps were taken at {where}, where the scale cannot "
+                      "back off any further; these steps are skipped. Pass model.named_parameters() to "
+                      f"scaler.overflow_report() to name the tensors.\n{report()}", RuntimeWarning, stacklevel=4)
+
+    def check_stuck(self, scale: float, floor: float, explicit: bool, report: Callable[[], OverflowReport]) -> None:
+        """On a read the user asked for (get_scale, skipped_steps), with the current scale: warn once if the scale
+        is at its floor and min_scale_patience overflowing steps were taken there."""
+        if not self._warned_min_scale and scale <= floor:
+            self._maybe_warn_min_scale(self._stuck_hits(floor, explicit), floor, explicit, report)
+
+    def _stuck_hits(self, floor: float, explicit: bool) -> int:
+        """Overflowing steps taken at the floor: with an explicit min_scale the device counter; at the default
+        floor they are counted in the history ring buffer (the last `history` steps), which costs the update
+        nothing (and is read only when the scale is at the floor)."""
+        if explicit:
+            return self._counters()["min_hits"]
+        return sum(1 for s, overflowed in self.history() if overflowed and s <= floor)
 
     # ---------------------------------------------------------------------------------- reading, on the host
     def history(self) -> list[tuple[float, bool]]:
@@ -203,10 +239,13 @@ class OverflowMonitor:
         rows = buf[[(start + i) % self.history_size for i in range(n)]].tolist()
         return [(scale, flag > 0) for scale, flag in rows]
 
-    def skipped_steps(self, min_scale: float | None, report: Callable[[], OverflowReport]) -> int:
-        """Steps recorded as overflowing; warns if the scale is stuck at min_scale. Syncs."""
+    def skipped_steps(self, scale: float, floor: float, explicit: bool, report: Callable[[], OverflowReport]) -> int:
+        """Steps recorded as overflowing; warns if the scale is stuck at its floor (`scale`: the current one).
+        Syncs."""
         counters = self._counters()
-        self._maybe_warn_min_scale(counters["min_hits"], min_scale, report)
+        if not self._warned_min_scale and (explicit or scale <= floor):
+            hits = counters["min_hits"] if explicit else self._stuck_hits(floor, explicit)
+            self._maybe_warn_min_scale(hits, floor, explicit, report)
         return counters["skipped"]
 
     def report(self, scale: float, min_scale: float | None, named_params=None) -> OverflowReport:
@@ -243,8 +282,28 @@ class OverflowMonitor:
         return {"_skipped_steps": counters["skipped"], "_min_scale_hits": counters["min_hits"],
                 "_num_updates": self.num_updates, "_history": self.history()}
 
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """ValueError naming the first of those entries that load_state_dict could not take."""
+        for key in ("_skipped_steps", "_min_scale_hits", "_num_updates"):
+            value = state_dict.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"state_dict[{key!r}] must be an int >= 0, got {value!r}")
+        if "_history" not in state_dict:
+            return
+        pairs = state_dict["_history"]
+        ok = isinstance(pairs, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], numbers.Real)
+            and isinstance(p[1], (bool, numbers.Integral)) for p in pairs)
+        if not ok:
+            raise ValueError("state_dict['_history'] must be a list of (scale, overflowed) pairs")
+        num_updates = state_dict.get("_num_updates", len(pairs))
+        if num_updates < len(pairs):
+            raise ValueError(f"state_dict['_num_updates']={num_updates} is less than the {len(pairs)} history "
+                             "entries")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load those entries; what a state_dict lacks (torch's has none of them) keeps its current value."""
+        """Load those entries (check_state_dict first); what a state_dict lacks (torch's has none of them) keeps
+        its current value."""
         if "_history" in state_dict:
             self._load_history(state_dict["_history"], int(state_dict.get("_num_updates", len(state_dict["_history"]))))
         counters = self._counters()
@@ -257,8 +316,6 @@ class OverflowMonitor:
     def _load_history(self, pairs, num_updates: int) -> None:
         """Refill the ring buffer so that history() returns `pairs` (the newest that fit) after num_updates steps."""
         pairs = list(pairs)[-self.history_size:]
-        if num_updates < len(pairs):
-            raise ValueError(f"state_dict['_num_updates']={num_updates} is less than the {len(pairs)} history entries")
         buf = torch.zeros(self.history_size, 2, dtype=torch.float32)
         for i, (scale, overflowed) in enumerate(pairs):
             buf[(num_updates - len(pairs) + i) % self.history_size] = torch.tensor([scale, float(overflowed)])

@@ -4,20 +4,35 @@ from __future__ import annotations
 import torch
 
 from mixprec import _backend, _ext, reference
-from mixprec.ops._validate import check_dense, check_scalar, check_tensor_list, common_device
+from mixprec.ops._validate import (
+    check_distinct,
+    check_scalar,
+    check_tensor_list,
+    check_writable,
+    common_device,
+    is_non_overlapping_and_dense,
+)
 
 
 def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_inf=None, backend="auto"):
     """Unscale gradients in place and look for overflow, in one read and write of each gradient.
 
-    For every grad g (fp32, fp16 or bf16; any mix; None entries skipped): g = round(float32(g) * inv_scale)
-    in g's dtype, bit for bit what torch._amp_foreach_non_finite_check_and_unscale_ writes.
-    found_inf (one-element fp32) is set to 1.0 if any value is inf or NaN, and never reset: the caller zeroes
-    it once per step. norm_sq (optional one-element fp32) gets the sum of squares of the unscaled values
+    For every grad g (fp32, fp16 or bf16; any mix; any shape, 0-dim included; None entries skipped):
+    g = round(float32(g) * inv_scale) in g's dtype, bit for bit what torch._amp_foreach_non_finite_check_and_unscale_
+    writes. found_inf (one-element fp32) is set to 1.0 if any value is inf or NaN, and never reset: the caller
+    zeroes it once per step. norm_sq (optional one-element fp32) gets the sum of squares of the unscaled values
     added. per_tensor_inf (optional fp32, one element per grad) gets 1.0 at the grads holding inf or NaN.
     Nothing synchronizes with the device. An empty list is a no-op. With inv_scale == 1.0 the values would not
     change, so the kernels only read them: a check pass (as GradScaler runs before a fused optimizer step)
     moves half the bytes.
+
+    Layouts: dense grads (contiguous, channels_last, any permutation) go through the kernels as they are. Strided
+    views with gaps (``base[:, :5]``) are unscaled through a dense copy written back after the pass (slower:
+    two more copies of those grads), bit for bit as torch unscales them. Refused, before anything is written, as
+    torch's in-place ops refuse them: grads whose own elements share memory (expanded), two entries sharing
+    memory (the same tensor twice: a sequential loop would unscale it twice, the parallel kernels would race),
+    inference tensors outside inference mode, and leaves requiring grad while grad mode is on (the flags and
+    norm_sq are checked the same way).
     """
     grads = check_tensor_list("grads", grads, allow_none=True)
     present = [i for i, g in enumerate(grads) if g is not None]
@@ -32,12 +47,40 @@ def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_
         if (not isinstance(per_tensor_inf, torch.Tensor) or per_tensor_inf.dtype != torch.float32
                 or per_tensor_inf.shape != (len(grads),) or per_tensor_inf.device != device):
             raise ValueError(f"per_tensor_inf must be a float32 tensor of shape ({len(grads)},) on {device}")
-    for i in present:
-        check_dense(f"grads[{i}]", grads[i])
-
     chosen = _backend.select(backend, device)
+    compiling = torch.compiler.is_compiling()  # dynamo cannot trace the storage and inference-mode queries
+    if not compiling:
+        for name, t in (("found_inf", found_inf), ("norm_sq", norm_sq), ("per_tensor_inf", per_tensor_inf)):
+            if t is not None:
+                check_writable(name, t)
+    gappy = []  # positions of the strided views with gaps, to unscale through a dense copy
+    for i in present:
+        g = grads[i]
+        # only a tensor that requires grad or is an inference tensor can be refused: the name is made for those
+        if not compiling and (g.requires_grad or g.is_inference()):
+            check_writable(f"grads[{i}]", g)
+        if not (g.is_contiguous() or is_non_overlapping_and_dense(g)):
+            if _may_overlap_itself(g):
+                raise RuntimeError(f"grads[{i}] has elements that share memory (e.g. an expanded tensor, stride "
+                                   f"{tuple(g.stride())} for shape {tuple(g.shape)}): it cannot be unscaled in "
+                                   "place, as with torch's in-place ops; clone() it first")
+            gappy.append(i)
+    # note: the extension refuses aliases itself, with the same error (C++, microseconds for a list the Python
+    # check takes ~0.3 ms over), but it sees only the present grads and the dense copies of gappy views: such
+    # lists, and the other backends, are checked here.
+    if not compiling and (chosen not in ("cpu", "cuda") or gappy or len(present) != len(grads)):
+        check_distinct("grads", grads)
+
+    originals = {}
+    if gappy:
+        with torch.no_grad():
+            for i in gappy:
+                originals[i] = grads[i]
+                grads[i] = grads[i].contiguous()  # a copy: `grads` is this function's own list
+
     if chosen == "reference":
-        reference.unscale_and_check_(grads, inv_scale, found_inf, norm_sq, per_tensor_inf)
+        # the spec broadcasts inv_scale against each grad: a 0-dim view keeps a 0-dim grad 0-dim
+        reference.unscale_and_check_(grads, inv_scale.reshape(()), found_inf, norm_sq, per_tensor_inf)
     elif chosen == "triton":
         from mixprec.kernels import unscale as triton_unscale
 
@@ -53,6 +96,23 @@ def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_
             if device.type == "cuda":  # from pinned memory the copy is queued, never waited for
                 index = index.pin_memory().to(device, non_blocking=True)
             per_tensor_inf.index_copy_(0, index, torch.maximum(per_tensor_inf[index], flags))
+
+    if originals:
+        with torch.no_grad():
+            for i, g in originals.items():
+                g.copy_(grads[i])  # exact: same dtype
+
+
+def _may_overlap_itself(t: torch.Tensor) -> bool:
+    """True when two elements of `t` might share memory. Dimensions sorted by stride must each step past
+    everything the smaller ones reach; a layout failing that (stride 0, expand) may overlap. Conservative: a few
+    exotic interleaved layouts that do not overlap are reported too (torch calls those too hard to decide)."""
+    reach = 0
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
 
 
 if _ext.available():

@@ -6,10 +6,17 @@ clean heap, so one script's buffers do not squeeze the next one's. Rows follow C
 are checked here. Output: one table on stdout (or the JSON with --json) and, in --output DIR, results.json,
 results.csv, ratios.png (ours against each peer) and vs_ceiling.png (achieved against the measured ceiling).
 `--update-benchmarks-md` renders BENCHMARKS.md from the run's JSON (or from --from-json FILE without a run).
+
+The arguments are checked before anything runs (an --output that cannot be written, a --from-json file that is
+missing or not a results.json, an --update-benchmarks-md path that cannot be written, a --timeout that is not a
+positive number): an argparse-style error and exit code 2, not a traceback after minutes of benchmarks. Every
+file is written atomically (a temporary file in the same folder, then os.replace), so a full disk or a kill
+leaves the previous file whole.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import importlib
@@ -25,6 +32,8 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+
+from mixprec.tools.cli import UsageError
 
 REQUIRED = {"op": str, "backend": str, "device": str, "shape": str, "dtype": str, "median_ms": float,
             "q25_ms": float, "q75_ms": float, "unit": str, "value": float, "ceiling": (float, type(None)),
@@ -226,10 +235,40 @@ def format_table(rows: list[dict], *, markdown: bool = False) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
+def write_atomic(path: str, write, *, binary: bool = False) -> None:
+    """Calls write(f) on a temporary file beside `path`, then renames it over `path` (os.replace is atomic
+    within a filesystem): a reader never sees a half-written file, and a failure (a full disk, a kill) leaves
+    the previous file as it was and no temporary file behind. The new file gets the old one's permission bits,
+    or the umask's default for a new file (mkstemp's own 0600 would hide results from other users)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": "", "encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the data on disk before the rename makes it visible
+        os.chmod(tmp, _mode_for(path))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _mode_for(path: str) -> int:
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write_csv(rows: list[dict], path: str) -> None:
     peer_names = sorted({name for r in rows for name in r["peers"]})
     fields = [k for k in REQUIRED if k != "peers"] + ["pct_of_ceiling"] + [f"ratio vs {p}" for p in peer_names]
-    with open(path, "w", newline="") as f:
+
+    def write(f):
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
@@ -237,6 +276,8 @@ def write_csv(rows: list[dict], path: str) -> None:
             line["pct_of_ceiling"] = 100 * r["value"] / r["ceiling"] if r["ceiling"] else ""
             line.update({f"ratio vs {p}": ms / r["median_ms"] for p, ms in r["peers"].items()})
             w.writerow(line)
+
+    write_atomic(path, write)
 
 
 def _label(r: dict) -> str:
@@ -276,7 +317,7 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str]:
         ax.invert_yaxis()
         fig.tight_layout()
         written.append(os.path.join(out_dir, "ratios.png"))
-        fig.savefig(written[-1], dpi=110)
+        write_atomic(written[-1], lambda f, fig=fig: fig.savefig(f, format="png", dpi=110), binary=True)
         plt.close(fig)
     judged = [r for r in rows if r["ceiling"]]
     if judged:
@@ -297,7 +338,7 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str]:
             ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         written.append(os.path.join(out_dir, "vs_ceiling.png"))
-        fig.savefig(written[-1], dpi=110)
+        write_atomic(written[-1], lambda f, fig=fig: fig.savefig(f, format="png", dpi=110), binary=True)
         plt.close(fig)
     return written
 
@@ -330,11 +371,83 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     p.add_argument("--output", default="bench-results", metavar="DIR",
                    help="folder for results.json, results.csv and the plots (default: ./bench-results)")
-    p.add_argument("--timeout", type=float, default=1200.0, metavar="S", help="limit per script (default 1200 s)")
+    p.add_argument("--timeout", type=_seconds, default=1200.0, metavar="S", help="limit per script (default 1200 s)")
     p.add_argument("--update-benchmarks-md", nargs="?", const="BENCHMARKS.md", default=None, metavar="PATH",
                    help="also write BENCHMARKS.md (or PATH) from the results")
     p.add_argument("--from-json", metavar="FILE",
                    help="do not run anything: report a previous run's results.json (with --update-benchmarks-md)")
+
+
+def _seconds(text: str) -> float:
+    """argparse type of --timeout: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _probe_writable(flag: str, directory: str) -> None:
+    """A file can be created in `directory` (tried, not guessed from permission bits: root ignores those, and a
+    read-only mount or a full quota does not show in them)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".mixprec-bench-probe.")
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot write in {directory!r} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def _check_output_dir(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--output {path!r} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--output {path!r}: cannot create the directory ({exc.strerror or exc})") from None
+    _probe_writable(f"--output {path!r}", path)
+
+
+def _check_output_file(flag: str, path: str) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a directory, not a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path!r}: no such directory {parent!r}")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path!r} is read-only")
+    _probe_writable(f"{flag} {path!r}", parent)
+
+
+def load_result(path: str) -> dict:
+    """A previous run's results.json (--from-json), or a UsageError saying why it cannot be one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--from-json {path!r}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--from-json {path!r} is a directory, not a results.json") from None
+    except OSError as exc:
+        raise UsageError(f"--from-json {path!r}: cannot read it ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--from-json {path!r} is not JSON ({exc})") from None
+    missing = [k for k in ("command", "machine", "started", "rows", "failures") if not isinstance(result, dict)
+               or k not in result]
+    if missing:
+        raise UsageError(f"--from-json {path!r} is not a results.json of `python -m mixprec bench` (no {missing})")
+    return result
+
+
+def check_arguments(args) -> None:
+    """Everything about the arguments that can fail, checked before any benchmark runs (UsageError)."""
+    if args.from_json is None:
+        _select(args)  # an unknown --op or --device, before the output folder is made
+        _check_output_dir(args.output)
+    if args.update_benchmarks_md is not None:
+        _check_output_file("--update-benchmarks-md", args.update_benchmarks_md)
 
 
 def _select(args) -> list[tuple[str, str]]:
@@ -343,13 +456,13 @@ def _select(args) -> list[tuple[str, str]]:
         wanted = {SCRIPT_PREFIX + o.removeprefix(SCRIPT_PREFIX) for o in args.op}
         unknown = wanted - set(scripts)
         if unknown:
-            raise SystemExit(f"error: no benchmark script {sorted(unknown)}; available: {scripts}")
+            raise UsageError(f"--op: no benchmark script {sorted(unknown)}; available: {scripts}")
         scripts = [s for s in scripts if s in wanted]
     present = available_devices()
     if args.device == "all":
         devices = present
     elif args.device not in present:
-        raise SystemExit(f"error: --device {args.device}: no such device here (present: {present})")
+        raise UsageError(f"--device {args.device}: no such device here (present: {present})")
     else:
         devices = [args.device]
     return [(s, d) for d in devices for s in scripts]
@@ -378,32 +491,43 @@ def run_all(args, argv_for_record: list[str]) -> dict:
     }
 
 
+def write_results(result: dict, out_dir: str) -> None:
+    """results.json first (the one file the others can be made from), then results.csv and the plots."""
+    write_atomic(os.path.join(out_dir, "results.json"), lambda f: json.dump(result, f, indent=2))
+    write_csv(result["rows"], os.path.join(out_dir, "results.csv"))
+    write_plots(result["rows"], out_dir)
+
+
 def main(args, argv_for_record: list[str]) -> int:
+    """The bench command; raises UsageError (before running anything) for arguments that cannot work."""
+    check_arguments(args)
+    unwritten = []  # files that could not be written (a full disk, say); the previous ones there stay whole
     if args.from_json:
-        with open(args.from_json) as f:
-            result = json.load(f)
+        result = load_result(args.from_json)
     else:
         result = run_all(args, argv_for_record)
-        os.makedirs(args.output, exist_ok=True)
-        with open(os.path.join(args.output, "results.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        write_csv(result["rows"], os.path.join(args.output, "results.csv"))
-        write_plots(result["rows"], args.output)
+        try:
+            write_results(result, args.output)
+        except OSError as exc:
+            unwritten.append(f"the results in {os.path.abspath(args.output)}: {exc}")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"machine: {machine_line(result['machine'])}")
         print(format_table(result["rows"]) if result["rows"] else "(no rows)")
-        if not args.from_json:
+        if not args.from_json and not unwritten:
             print(f"results: {os.path.abspath(args.output)}", file=sys.stderr)
     for failure in result["failures"]:
         print(f"\nFAILED {failure['script']} ({failure['device']}): {failure['error']}", file=sys.stderr)
     if args.update_benchmarks_md:
-        with open(args.update_benchmarks_md, "w") as f:
-            f.write(benchmarks_md(result))
-        print(f"wrote {args.update_benchmarks_md}", file=sys.stderr)
-    return 1 if result["failures"] else 0
-
+        try:
+            write_atomic(args.update_benchmarks_md, lambda f: f.write(benchmarks_md(result)))
+            print(f"wrote {args.update_benchmarks_md}", file=sys.stderr)
+        except OSError as exc:
+            unwritten.append(f"{args.update_benchmarks_md}: {exc}")
+    for what in unwritten:
+        print(f"error: could not write {what} (any previous file there is unchanged)", file=sys.stderr)
+    return 1 if result["failures"] or unwritten else 0
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["--worker"]:

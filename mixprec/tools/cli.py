@@ -7,6 +7,11 @@ import json
 import sys
 
 
+class UsageError(Exception):
+    """Arguments a command cannot work with, found before it starts its work: main() reports it as argparse reports
+    its own errors (the command's usage line, `error: ...`, exit code 2), with no traceback."""
+
+
 def _cmd_info(args) -> int:
     from mixprec.tools.info import format_info, info
 
@@ -47,25 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, what the extension was built with, devices, backend choice")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd_info)
+    p.set_defaults(func=_cmd_info, parser=p)
 
     from mixprec.tools import bench, inspector, selftest  # light modules: torch and triton load inside their commands
 
     p = sub.add_parser("bench", help="run the kernel microbenchmarks, print a table, write JSON/CSV/plots")
     bench.add_arguments(p)
-    p.set_defaults(func=_cmd_bench)
+    p.set_defaults(func=_cmd_bench, parser=p)
     p = sub.add_parser("inspect", help="GPU kernels without a GPU: registers, spills, smem, occupancy, "
                                        "tensor-core instructions, roofline prediction")
     inspector.add_arguments(p)
-    p.set_defaults(func=_cmd_inspect)
+    p.set_defaults(func=_cmd_inspect, parser=p)
     p = sub.add_parser("selftest", help="check every op and backend on this device against mixprec.reference, "
                                         "then print the benchmark table")
     selftest.add_arguments(p)
-    p.set_defaults(func=_cmd_selftest)
+    p.set_defaults(func=_cmd_selftest, parser=p)
     # add_help=False and parse_known_args in main(): every demo option (--help included) goes to examples/train.py
     p = sub.add_parser("demo", help="train small real models in fp32, fp16 and bf16; table and PNG "
                                     "(`demo --help` for its options)", add_help=False)
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo, parser=p)
     return parser
 
 
@@ -77,7 +82,10 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.demo_args = rest
     args.argv = argv  # bench records its own command line
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        args.parser.error(str(exc))  # exits with code 2
 
 
 if __name__ == "__main__":

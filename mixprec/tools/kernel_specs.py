@@ -42,21 +42,41 @@ def _unscale_specs() -> list[dict]:
     ]
 
 
+# Adam AOT variants: name -> (param type, master kind, state kind, amsgrad, stochastic rounding); every optional
+# input present. "fp32 streams" below: the variants moving fp32 per element (masters or fp32 moments), whose
+# accesses are 16-byte vectors.
+ADAM_VARIANTS = {
+    "fp16-master": ("fp16", "fp32", "fp32", True, False),
+    "bf16-sr": ("bf16", "none", "fp32", True, True),
+    "bf16-remainder": ("bf16", "remainder", "fp32", True, False),
+    "bf16-remainder-bf16state": ("bf16", "remainder", "bf16", True, False),
+    "bf16-remainder-int8state": ("bf16", "remainder", "int8", False, False),
+    "bf16-sr-int8state": ("bf16", "none", "int8", False, True),
+}
+
+
+def adam_has_fp32_streams(variant: str) -> bool:
+    _, master, state, _, _ = ADAM_VARIANTS[variant]
+    return master == "fp32" or state == "fp32"
+
+
 def _adam_specs() -> list[dict]:
-    """The fused-AdamW specializations: fp16 params with fp32 masters, or bf16 params with stochastic rounding,
-    all optional inputs present; each for a 16-divisible n (vector accesses) and for any other n (element-wise), as
-    the JIT specializes n."""
+    """The fused-AdamW specializations of ADAM_VARIANTS (issue #12's master and state kinds as constexprs of the one
+    kernel), each for a 16-divisible n (vector accesses) and for any other n (element-wise), as the JIT
+    specializes n."""
     from mixprec.kernels import adam
 
+    masters = {"none": adam.MASTER_NONE, "fp32": adam.MASTER_FP32, "remainder": adam.MASTER_REMAINDER}
     specs = []
-    for variant in ("fp16-master", "bf16-sr"):
-        half = {"fp16-master": "*fp16", "bf16-sr": "*bf16"}[variant]
-        flags = dict(MASTER=variant == "fp16-master", AMSGRAD=True, DECOUPLED=True, MAXIMIZE=False, HAS_WD=True,
-                     HAS_SCALE=True, HAS_FOUND=True, HAS_CLIP=True, STOCHASTIC=variant == "bf16-sr",
+    for variant, (half, master, state, amsgrad, stochastic) in ADAM_VARIANTS.items():
+        flags = dict(MASTER=masters[master], INT8=state == "int8", AMSGRAD=amsgrad, DECOUPLED=True, MAXIMIZE=False,
+                     HAS_WD=True, HAS_SCALE=True, HAS_FOUND=True, HAS_CLIP=True, STOCHASTIC=stochastic,
                      BLOCK=adam.BLOCK)
-        signature = {"p_ptr": half, "g_ptr": half, "m_ptr": "*fp32", "v_ptr": "*fp32", "vmax_ptr": "*fp32",
-                     "w_ptr": "*fp32", "step_ptr": "*fp32", "lr_ptr": "*fp32", "scale_ptr": "*fp32",
-                     "found_ptr": "*fp32", "clip_ptr": "*fp32", "hyper_ptr": "*fp64", "n": "i32", "beta1_f": "fp32",
+        m, v = {"fp32": ("*fp32", "*fp32"), "bf16": ("*bf16", "*bf16"), "int8": ("*i8", "*u8")}[state]
+        signature = {"p_ptr": f"*{half}", "g_ptr": f"*{half}", "m_ptr": m, "v_ptr": v, "vmax_ptr": v,
+                     "w_ptr": "*fp32", "r_ptr": "*i16", "m_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
+                     "step_ptr": "*fp32", "lr_ptr": "*fp32", "scale_ptr": "*fp32", "found_ptr": "*fp32",
+                     "clip_ptr": "*fp32", "hyper_ptr": "*fp64", "n": "i32", "beta1_f": "fp32",
                      "one_minus_beta1_f": "fp32", "beta2_f": "fp32", "one_minus_beta2_f": "fp32", "eps_f": "fp32",
                      "wd_f": "fp32", "seed": "i32", "stream": "i32", **{k: "constexpr" for k in flags}}
         for n16 in (True, False):
@@ -64,10 +84,10 @@ def _adam_specs() -> list[dict]:
                           "config": f"{variant}, {'n%16==0' if n16 else 'any n'}, BLOCK={adam.BLOCK}",
                           "signature": signature, "constexprs": flags,
                           "options": {"num_warps": adam.NUM_WARPS, "enable_fp_fusion": False},
-                          # the six per-element streams are whole tensors (16-byte aligned); the scalars' pointers
-                          # need not be
-                          "aligned": ["p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "w_ptr",
-                                      *(["n"] if n16 else [])]})
+                          # the per-element streams are whole tensors (16-byte aligned), and so are the block
+                          # scales; the scalars' pointers need not be
+                          "aligned": ["p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "w_ptr", "r_ptr",
+                                      "m_scale_ptr", "v_scale_ptr", *(["n"] if n16 else [])]})
     return specs
 
 
@@ -137,6 +157,15 @@ ROOFLINE = [
     # memory-bound either way
     {"op": "adam_step_", "problem": "GPT-2 small params, fp16 + fp32 masters (124.4M)", "bytes": 28 * GPT2_SMALL,
      "flops": 20 * GPT2_SMALL},
+    # bf16 params with int16 remainders: read grad 2, param 2, remainder 2, write param 2, remainder 2; moments
+    # read and written: fp32 4 + 4 each way (26 B/param), bf16 2 + 2 (18 B), int8 1 + 1 plus two fp32 scales per
+    # 256 elements (14 B + 16/256)
+    {"op": "adam_step_", "problem": "GPT-2 small params, bf16 + remainders, fp32 states (124.4M)",
+     "bytes": 26 * GPT2_SMALL, "flops": 20 * GPT2_SMALL},
+    {"op": "adam_step_", "problem": "GPT-2 small params, bf16 + remainders, bf16 states (124.4M)",
+     "bytes": 18 * GPT2_SMALL, "flops": 20 * GPT2_SMALL},
+    {"op": "adam_step_", "problem": "GPT-2 small params, bf16 + remainders, int8 states (124.4M)",
+     "bytes": 14 * GPT2_SMALL + 16 * GPT2_SMALL // 256, "flops": 30 * GPT2_SMALL},
     # fp16 operands and output: 2*M*N*K flops (an FMA counted as 2), each of A, B, C moved once (2 bytes/element):
     # the least traffic any kernel can get away with. The weight-gradient entry reads and writes an fp32 C instead.
     *({"op": "matmul", "problem": f"{name} (MxNxK {m}x{n}x{k}), fp16", "flops": 2 * m * n * k,

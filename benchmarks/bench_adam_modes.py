@@ -1,0 +1,165 @@
+"""Adam state modes: fewer bytes per parameter, the same one-pass step (`python -m mixprec bench --op adam_modes`).
+
+The job: bf16 model params, bf16 grads, one AdamW step. mixprec's fp32-master step moves 28 bytes per param and
+runs at the memory bandwidth, so the other modes can only be faster by moving less. Every mode runs in the same
+rounds (load falls on all alike), and its ratio to the fp32-master step is the figure of merit:
+- fp32 masters (master_weights=True): read grad 2, master 4, m 4, v 4; write master 4, m 4, v 4, param 2;
+- remainder masters (master_weights="remainder"): the fp32 master is the bf16 param plus an int16 remainder;
+- + bf16 states (state_dtype=torch.bfloat16), + int8 block-wise states (state_dtype="int8");
+- no masters with stochastic rounding (master_weights=False, stochastic_rounding=True).
+Peers: torch.optim.AdamW(fused=True) on fp32 params of the same count, and the 8-bit optimizers of bitsandbytes
+and torchao on the same bf16 params when they are installed (skipped with a note otherwise, and in the reduced
+run, where torchao's compile alone would take longer than the whole run should).
+
+Bytes: each row's dtype names the mode with the bytes per param it stores (measured: opt.state_bytes() plus the
+params) and moves per step (counted by mixprec.optim.step_traffic from the tensors the step reads and writes);
+the notes of the baseline row repeat them as a table with the peers' measured state. GB/s is each row's own
+moved bytes over its time.
+
+Ceiling: for each mode, mixprec's streaming kernel (benchmarks/ceiling.py) over arrays of the same sizes and
+in-place pattern as that mode's step (step_traffic(opt, per_array=True): grad read, master, moments and scales read
+and written in place, the param written or updated in place), at the same size, timed in the same rounds.
+
+A mode the built extension does not have yet (issue #12's C++ lands separately) is skipped with a note. The layer
+list is GPT-2's (768 wide, 4 blocks, 28.3M params): far out of any cache, so every step streams from memory.
+"""
+from __future__ import annotations
+
+import torch
+
+from mixprec.benchmarks.bench_adam import gpt2_shapes
+from mixprec.benchmarks.ceiling import cpu_stream, gbps
+from mixprec.benchmarks.rows import row, run_on_device
+from mixprec.benchmarks.timing import measure_interleaved, reduced
+from mixprec.optim import FusedAdamW, step_traffic
+
+OP = "adam_step_ (state modes)"
+BASELINE = "fp32 masters"
+TORCH_FP32 = "torch.optim.AdamW(fused=True) fp32 params"
+# mode name -> FusedAdamW arguments (bf16 params)
+MODES = {
+    BASELINE: {"master_weights": True},
+    "remainder": {"master_weights": "remainder"},
+    "remainder + bf16 states": {"master_weights": "remainder", "state_dtype": torch.bfloat16},
+    "remainder + int8 states": {"master_weights": "remainder", "state_dtype": "int8"},
+    "no masters + SR": {"master_weights": False, "stochastic_rounding": True},
+}
+
+
+def tensor_bytes(t) -> int:
+    """Bytes of a tensor's data; for a wrapper subclass (torchao's 8-bit state), of the tensors it holds."""
+    if not isinstance(t, torch.Tensor):
+        return 0
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
+def held_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in an optimizer's state (any optimizer: for the peers' figures)."""
+    return sum(tensor_bytes(v) for s in opt.state.values() if isinstance(s, dict) for v in s.values())
+
+
+def param_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
+
+
+def _eight_bit_peers(make_params) -> tuple[dict, dict, list[str]]:
+    """({name: step fn}, {name: optimizer}) for the installed 8-bit peers, and a note for each missing one."""
+    peers, optimizers, notes = {}, {}, []
+    if reduced():
+        return peers, optimizers, ["8-bit peers skipped in the reduced run"]
+    try:
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(make_params(), lr=1e-3)
+        opt.step()
+        name = f"bitsandbytes {bnb.__version__} AdamW8bit"
+        peers[name], optimizers[name] = (lambda i, opt=opt: opt.step()), opt
+    except Exception as exc:  # not installed, or no CPU support in this build
+        notes.append(f"bitsandbytes skipped ({type(exc).__name__}: {str(exc)[:60]})")
+    try:
+        import torchao
+        from torchao.optim import AdamW8bit
+
+        opt = AdamW8bit(make_params(), lr=1e-3)
+        opt.step()  # compiles its step on the first call
+        name = f"torchao {torchao.__version__} AdamW8bit"
+        peers[name], optimizers[name] = (lambda i, opt=opt: opt.step()), opt
+    except Exception as exc:
+        notes.append(f"torchao skipped ({type(exc).__name__}: {str(exc)[:60]})")
+    return peers, optimizers, notes
+
+
+def _cpu(quick: bool) -> list[dict]:
+    shapes = gpt2_shapes(64, 2) if reduced() else gpt2_shapes(768, 4)
+    repeats, min_time_s = (3, 0.0) if reduced() else (5, 0.0) if quick else (20, 2.0)
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes]
+    grads = [(torch.randn(s, generator=gen) * 1e-3).to(torch.bfloat16) for s in shapes]
+    n = sum(t.numel() for t in base)
+
+    def make_params(dtype=torch.bfloat16):
+        params = [torch.nn.Parameter(t.to(dtype)) for t in base]
+        for p, g in zip(params, grads):
+            p.grad = g if dtype == torch.bfloat16 else g.to(dtype)
+        return params
+
+    notes = [f"{len(shapes)} tensors (GPT-2 width {shapes[0][0]}, {len(shapes) // 12} blocks)",
+             f"threads={torch.get_num_threads()}"]
+    optimizers, contenders = {}, {}
+    for name, kwargs in MODES.items():
+        opt = FusedAdamW(make_params(), lr=1e-3, backend="cpu", **kwargs)
+        try:
+            opt.step()  # creates the state
+        except NotImplementedError as exc:  # an extension built before issue #12's C++
+            notes.append(f"{name} skipped ({str(exc)[:90]})")
+            continue
+        optimizers[name] = opt
+        contenders[name] = lambda i, opt=opt: opt.step()
+        contenders[f"ceiling: {name}"] = cpu_stream(*_read_write(opt), arrays=step_traffic(opt, per_array=True))
+    fused32 = torch.optim.AdamW(make_params(torch.float32), lr=1e-3, fused=True)
+    fused32.step()
+    contenders[TORCH_FP32] = lambda i: fused32.step()
+    eight_bit, peer_optimizers, peer_notes = _eight_bit_peers(make_params)
+    contenders.update(eight_bit)
+    peer_optimizers[TORCH_FP32] = fused32
+
+    timings = measure_interleaved(contenders, repeats=repeats, min_time_s=min_time_s)
+    table = [f"{name}: {_stored(opt) / n:.2f} B/param stored (measured), {step_traffic(opt) / n:.2f} moved"
+             for name, opt in optimizers.items()]
+    table += [f"{name}: {_stored(opt) / n:.2f} B/param stored (measured)" for name, opt in peer_optimizers.items()]
+    notes += ["bytes per param: " + "; ".join(table), *peer_notes]
+    baseline = timings[BASELINE]
+    peers = {k: t for k, t in timings.items() if k not in MODES and not k.startswith("ceiling: ")}
+    rows = []
+    for name, opt in optimizers.items():
+        work, ceiling = step_traffic(opt), timings[f"ceiling: {name}"]
+        label = f"bfloat16, {name}: {_stored(opt) / n:.2f} B/param stored, {work / n:.2f} moved"
+        row_notes = ["FusedAdamW.step()", f"ceiling: stream over this mode's arrays, IQR {ceiling.q25_ms:.3g}-"
+                     f"{ceiling.q75_ms:.3g} ms"] + (notes if name == BASELINE else [])
+        rows.append(row(op=OP, backend="cpu", device="cpu", shape=f"GPT-2 blocks: {n / 1e6:.1f}M params",
+                        dtype=label, timing=timings[name], unit="GB/s", work=work, ceiling=gbps(work, ceiling),
+                        peers={**({} if name == BASELINE else {f"mixprec {BASELINE}": baseline}), **peers},
+                        notes="; ".join(row_notes)))
+    return rows
+
+
+def _read_write(opt) -> tuple[int, int]:
+    arrays = step_traffic(opt, per_array=True)
+    return sum(r for r, _ in arrays), sum(w for _, w in arrays)
+
+
+def _stored(opt: torch.optim.Optimizer) -> int:
+    """What an optimizer's training holds per step besides grads: its state and the params."""
+    return (opt.state_bytes() if isinstance(opt, FusedAdamW) else held_bytes(opt)) + param_bytes(opt)
+
+
+def _gpu(quick: bool) -> list[dict]:
+    # the GPU modes table lives in bench_adam (GPU_MODES); this script is the CPU side-by-side of issue #12
+    return []
+
+
+def run(quick: bool, device: str) -> list[dict]:
+    return run_on_device(device, quick, cpu=_cpu, cuda=_gpu)
