@@ -92,9 +92,12 @@ __device__ __forceinline__ uint32_t narrow(float v) {
 
 // The variant's loads and stores of one element (k of its accessors: packets or Direct), around adam_update;
 // written once for every path of the kernel.
+// The storage type of fp32 / bf16 states (int8 codes are read apart).
+template <StateKind S>
+inline constexpr DType kStateDType = S == StateKind::BFloat16 ? DType::BFloat16 : DType::Float32;
+
 template <DType T, MasterKind M, StateKind S, bool kAmsgrad, bool kDecoupled, bool kStochastic>
 struct Element {
-  static constexpr DType kStateT = S == StateKind::BFloat16 ? DType::BFloat16 : DType::Float32;
 
   template <class P, class G, class W, class Q>
   __device__ __forceinline__ static AdamSlots<float> load(const P& p, const G& g, const W& w, const Q& m, const Q& v,
@@ -110,9 +113,9 @@ struct Element {
                                   << 16, scale_m);
       s.exp_avg_sq = int8_decode(int8_value_hi16_v(v.get(k)) << 16, scale_v);
     } else {
-      s.exp_avg = widen<kStateT>(m.get(k));
-      s.exp_avg_sq = widen<kStateT>(v.get(k));
-      if constexpr (kAmsgrad) s.max_exp_avg_sq = widen<kStateT>(vmax.get(k));
+      s.exp_avg = widen<kStateDType<S>>(m.get(k));
+      s.exp_avg_sq = widen<kStateDType<S>>(v.get(k));
+      if constexpr (kAmsgrad) s.max_exp_avg_sq = widen<kStateDType<S>>(vmax.get(k));
     }
     return s;
   }
@@ -122,9 +125,9 @@ struct Element {
   __device__ __forceinline__ static void store(P& p, W& w, Q& m, Q& v, Q& vmax, int k, const AdamSlots<float>& s,
                                                uint32_t key, int64_t index) {
     if constexpr (S != StateKind::Int8) {
-      m.set(k, narrow<kStateT>(s.exp_avg));
-      v.set(k, narrow<kStateT>(s.exp_avg_sq));
-      if constexpr (kAmsgrad) vmax.set(k, narrow<kStateT>(s.max_exp_avg_sq));
+      m.set(k, narrow<kStateDType<S>>(s.exp_avg));
+      v.set(k, narrow<kStateDType<S>>(s.exp_avg_sq));
+      if constexpr (kAmsgrad) vmax.set(k, narrow<kStateDType<S>>(s.max_exp_avg_sq));
     }
     if constexpr (M == MasterKind::Fp32) {
       w.set(k, float_bits(s.param));
