@@ -76,6 +76,14 @@ __device__ __forceinline__ Direct<kBytes> direct(const void* base, int i) {
   return {const_cast<ElemOf<kBytes>*>(static_cast<const ElemOf<kBytes>*>(base)) + i};
 }
 
+// direct(base, i) where the variant has the buffer (kHas), else a stand-in the element code never touches (no
+// arithmetic on the null pointer of an absent buffer).
+template <bool kHas, int kBytes, class Other>
+__device__ __forceinline__ auto direct_if(const void* base, int i, const Other& other) {
+  if constexpr (kHas) return direct<kBytes>(base, i);
+  else return other;
+}
+
 // fp32 value of raw element bits of storage type T, and back (round to nearest even).
 template <DType T>
 __device__ __forceinline__ float widen(uint32_t bits) {
@@ -296,7 +304,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         new_m[k] = new_v[k] = 0.f;
         if (e < end) {
           const auto dp = direct<kParamBytes>(param, e);
-          const auto dw = direct<kMasterBytes>(master, e);
+          const auto dw = direct_if<L::kHasMaster, kMasterBytes>(master, e, dp);
           const auto dm = direct<1>(exp_avg, e), dv = direct<1>(exp_avg_sq, e);
           AdamSlots<float> s = E::load(dp, direct<kParamBytes>(grad, e), dw, dm, dv, dv, 0, block_scale_m, block_scale_v);
           adam_update<kDecoupled, kAmsgrad>(s, c, flags);
@@ -320,9 +328,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     // the rest, one element per thread (coalesced)
     for (int e = tail + threadIdx.x; e < end; e += kThreads) {
       const auto dp = direct<kParamBytes>(param, e);
-      const auto dw = direct<kMasterBytes>(master, e);
+      const auto dw = direct_if<L::kHasMaster, kMasterBytes>(master, e, dp);
       const auto dm = direct<kStateBytes>(exp_avg, e), dv = direct<kStateBytes>(exp_avg_sq, e);
-      const auto dvmax = direct<kStateBytes>(max_exp_avg_sq, e);
+      const auto dvmax = direct_if<kAmsgrad, kStateBytes>(max_exp_avg_sq, e, dv);
       AdamSlots<float> s = E::load(dp, direct<kParamBytes>(grad, e), dw, dm, dv, dvmax, 0, 0.f, 0.f);
       adam_update<kDecoupled, kAmsgrad>(s, c, flags);
       E::store(dp, dw, dm, dv, dvmax, 0, s, key, begin + e);
