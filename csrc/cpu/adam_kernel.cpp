@@ -29,8 +29,11 @@ struct Kind {
   // with fp32 masters a half param is only written: the AVX2 kernel may store it without reading it first
   static constexpr bool kWriteOnlyParam = M == MasterKind::Fp32 && T != DType::Float32;
   // some store rounds to bf16 on the bit pattern (RNE, SR, remainder split), whose NaN case the AVX2 kernel
-  // takes only for vectors that hold a NaN
-  static constexpr bool kBf16Stores = (T == DType::BFloat16 && M != MasterKind::Fp32) || S == StateKind::BFloat16;
+  // takes only for vectors that hold a NaN: the param's (w) if it is bf16, the moments' if they are bf16 (vmax is
+  // NaN only where v is: op_max's semantics)
+  static constexpr bool kParamBits = T == DType::BFloat16 && M != MasterKind::Fp32;
+  static constexpr bool kStateBits = S == StateKind::BFloat16;
+  static constexpr bool kBf16Stores = kParamBits || kStateBits;
   // every stream has 16-bit or 8-bit elements: the AVX2 kernel works on 16 elements as even/odd halves
   static constexpr bool kPairs = T == DType::BFloat16 && M != MasterKind::Fp32 && S != StateKind::Fp32;
 };
@@ -246,23 +249,25 @@ template <class K, class L, bool kMayBeNaN>
 void store_outputs(const AdamBlock& b, int64_t i, const AdamSlots<typename L::F>& s, bool stream_param,
                    typename L::I index_lo, uint32_t index_hi) {
   constexpr DType T = K::kDType;
+  // the NaN-free forms only for the values the caller checked
+  constexpr bool kParamNaN = kMayBeNaN || !K::kParamBits, kStateNaN = kMayBeNaN || !K::kStateBits;
   if constexpr (K::kState != StateKind::Int8) {
-    store_value<K::kStateDType, kMayBeNaN, L>(b.exp_avg, i, s.exp_avg);
-    store_value<K::kStateDType, kMayBeNaN, L>(b.exp_avg_sq, i, s.exp_avg_sq);
-    if constexpr (K::kAms) store_value<K::kStateDType, kMayBeNaN, L>(b.max_exp_avg_sq, i, s.max_exp_avg_sq);
+    store_value<K::kStateDType, kStateNaN, L>(b.exp_avg, i, s.exp_avg);
+    store_value<K::kStateDType, kStateNaN, L>(b.exp_avg_sq, i, s.exp_avg_sq);
+    if constexpr (K::kAms) store_value<K::kStateDType, kStateNaN, L>(b.max_exp_avg_sq, i, s.max_exp_avg_sq);
   }
   if constexpr (K::kMaster == MasterKind::Fp32) {
     L::store_f32(b.master, i, s.param);
     if (stream_param) L::template store_streaming<T>(b.param, i, s.param);
-    else store_value<T, kMayBeNaN, L>(b.param, i, s.param);
+    else store_value<T, kParamNaN, L>(b.param, i, s.param);
   } else if constexpr (K::kMaster == MasterKind::Remainder) {
-    const auto split = remainder_split<kMayBeNaN>(s.param);
+    const auto split = remainder_split<kParamNaN>(s.param);
     L::store_hi16(b.param, i, split.param);
     L::store_lo16(b.remainder, i, split.remainder);
   } else if constexpr (K::kSR) {
-    L::store_hi16(b.param, i, bf16_sr_bits<kMayBeNaN>(s.param, sr_bits(b.sr_key, index_lo, index_hi)));
+    L::store_hi16(b.param, i, bf16_sr_bits<kParamNaN>(s.param, sr_bits(b.sr_key, index_lo, index_hi)));
   } else {
-    store_value<T, kMayBeNaN, L>(b.param, i, s.param);
+    store_value<T, kParamNaN, L>(b.param, i, s.param);
   }
 }
 
@@ -316,10 +321,12 @@ void update_elements(const AdamBlock& block, const AdamCoeffs<typename L::F>& co
       max_m = op_umax(max_m, int8_abs_bits(s.exp_avg));
       max_v = op_umax(max_v, int8_abs_bits(s.exp_avg_sq));
     }
-    // vmax is NaN only where v is (op_max's semantics), so w, m and v tell whether a lane needs the NaN case (with
-    // int8 states w alone: m and v go to the stash, and a NaN there makes its block take the exact encoder)
+    // (int8 moments go to the stash, not through these stores: a NaN there makes its block take the exact encoder)
     if constexpr (K::kBf16Stores && L::kWidth > 1) {
-      const bool nan = kInt8 ? L::any_nan(s.param) : L::any_nan(s.param, s.exp_avg, s.exp_avg_sq);
+      bool nan;
+      if constexpr (K::kParamBits && K::kStateBits) nan = L::any_nan(s.param, s.exp_avg, s.exp_avg_sq);
+      else if constexpr (K::kParamBits) nan = L::any_nan(s.param);
+      else nan = L::any_nan(s.exp_avg, s.exp_avg, s.exp_avg_sq);
       if (nan) [[unlikely]] store_outputs<K, L, true>(b, i, s, stream_param, index_lo, index_hi);
       else store_outputs<K, L, false>(b, i, s, stream_param, index_lo, index_hi);
     } else {
