@@ -379,6 +379,26 @@ def _scenario_refusals(rank: int) -> dict:
     return out
 
 
+def _scenario_mixprec_linear(rank: int) -> dict:
+    """How many of the model's 6 projections run mixprec's GEMM (mixprec.functional.linear) in one forward of each
+    sharded setup: all of them, on the params FSDP2 all-gathers (bf16 in both setups)."""
+    from mixprec import functional
+
+    out = {}
+    original = functional.linear
+    for setup in ("fp32_policy_bf16", "bf16_params"):
+        model, _, _, _ = _build(setup, True)
+        calls = []
+        functional.linear = lambda x, w, *args, **kwargs: calls.append(w.dtype) or original(x, w, *args, **kwargs)
+        try:
+            (x, y), = _micro_batches(0, rank, WORLD)
+            _loss(model, x, y, 1).backward()
+        finally:
+            functional.linear = original
+        out[setup] = calls
+    return out
+
+
 def _scenario_ddp(rank: int) -> dict:
     model, optimizer, scaler = mixprec.prepare(_net(), dtype=torch.bfloat16, optimizer_kwargs={"lr": LR})
     model = nn.parallel.DistributedDataParallel(model)
@@ -515,6 +535,7 @@ def _worker(rank: int, init_file: str, out_dir: str, ckpt1: str, ckpt2: str) -> 
         "norm": lambda: _scenario_norm(rank),
         "refusals": lambda: _scenario_refusals(rank),
         "ddp": lambda: _scenario_ddp(rank),
+        "mixprec_linear": lambda: _scenario_mixprec_linear(rank),
         "state_sharding": lambda: _scenario_state_sharding(rank),
         **{"mode_" + m: (lambda m=m: _run("bf16_params", True, rank, WORLD, **MODES[m])) for m in MODES},
         "dcp_int8": lambda: _scenario_dcp_int8(rank, out_dir),
@@ -717,6 +738,13 @@ def test_dcp_int8_states_reshard_by_quantizing_again(runs):
         _assert_params(res["resumed_end"], res["end"], f"rank {r}: 2 -> 2 resume of int8 states")
         assert res["2to1"] == [] and res["1to2"] == [], f"rank {r}: {res['2to1']} {res['1to2']}"
         assert res["2to1_int8"] == 4 * 2, f"rank {r}: int8 moments of the four MLP weights expected"
+
+
+def test_mixprec_linear_runs_inside_sharded_blocks(runs):
+    _, ranks = runs
+    for r, res in enumerate(_result(ranks, "mixprec_linear")):
+        for setup, calls in res.items():
+            assert calls == [torch.bfloat16] * 6, f"rank {r}, {setup}: mixprec's GEMM ran on {calls}"
 
 
 def test_fsdp2_and_ddp_agree(runs):
