@@ -40,7 +40,7 @@ except ImportError:  # torch built without distributed
     dist = DTensor = Replicate = Shard = None
 
 __all__ = ["is_dtensor", "local", "check_placements", "check_grad", "check_no_main_grad", "new_state",
-           "copy_into", "unscale_and_check_", "sum_of_squares", "all_reduce_found_inf_", "found_inf_groups",
+           "copy_into", "unscale_and_check_", "all_reduce_found_inf_", "found_inf_groups",
            "norm_sq_groups", "shard_blocks"]
 
 _F32 = torch.float32
@@ -280,17 +280,6 @@ def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_
                     dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
             norm_sq.add_(part.reshape(norm_sq.shape))
     return None
-
-
-def sum_of_squares(grads, device: torch.device) -> torch.Tensor:
-    """The global sum of squares of grads (plain tensors and DTensors, local tensors on device) as they are: a 0-dim
-    fp32 tensor on device, from one read-only pass (multiplier 1) per kind of grad and one all-reduce per kind. A
-    tensor listed twice is counted once."""
-    norm_sq = torch.zeros((), dtype=_F32, device=device)
-    distinct = list({id(g): g for g in grads}.values())
-    with torch.no_grad():
-        unscale_and_check_(distinct, torch.ones((), device=device), torch.zeros((), device=device), norm_sq)
-    return norm_sq
 
 
 # ------------------------------------------------------------------------------------- the FSDP2 recipe

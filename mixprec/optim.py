@@ -896,7 +896,7 @@ class FusedAdam(torch.optim.Optimizer):
         if norm_sq is None:
             total = None
             for device, grads in grads_by_device.items():
-                part = distributed.sum_of_squares(grads, device)  # DTensor grads: summed over the ranks
+                part = _grad_norm.sum_of_squares(grads, device)  # DTensor grads: summed over the ranks
                 total = part if total is None else total + part.to(total.device)
             norm_sq = total
         norm = norm_sq.reshape(1).float().sqrt()

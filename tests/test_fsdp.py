@@ -196,6 +196,9 @@ def _train(model, optimizer, scaler, step_fn, steps, rank: int, world: int, *, p
             optimizer.step()
         else:
             scaler.step(optimizer)
+            if poison and step == POISON_STEP:  # the report reads each rank's own shards of the DTensor grads
+                report = scaler.overflow_report(model.named_parameters())
+                assert report.culprits or rank != (WORLD - 1 if world == WORLD else 0), report
             scaler.update()
             scales.append(scaler.get_scale())
     return scales
