@@ -2115,7 +2115,8 @@ def _mangle(sd, m, params):
             entry["exp_avg"] = torch.randn(t.shape[-1:] if t.dim() > 1 else (t.numel() + 1,))
         elif op == "missing_exp_avg":
             entry.pop("exp_avg", None)
-        elif op == "step_int" and "step" in entry:
+        elif op == "step_int" and "step" in entry and (not isinstance(entry["step"], torch.Tensor)
+                                                       or entry["step"].numel() == 1):
             entry["step"] = int(float(entry["step"]))
         elif op == "step_shape":
             entry["step"] = torch.tensor([1.0, 2.0])
@@ -2308,7 +2309,7 @@ def _plain(x):
 
 SCALE_FLOOR = torch.finfo(torch.float32).tiny
 SCALER_COMMON = {
-    "init_scale": st.sampled_from([2.0**16, 2.0**16, 1.0, 2.0**-10, 3.0e38]),
+    "init_scale": st.sampled_from([2.0**16, 2.0**16, 1.0, 2.0**-10, 2.0**-124, 3.0e38]),
     "growth_factor": st.sampled_from([2.0, 2.0, 1.5]),
     "backoff_factor": st.sampled_from([0.5, 0.5, 0.25]),
     "growth_interval": st.sampled_from([2000, 1, 2, 3]),
@@ -2349,6 +2350,7 @@ def grad_scaler_cases(backends=FAST_BACKENDS):
                                              "layout": st.sampled_from(["contiguous"] * 3 + ["gappy", "transposed"]),
                                              "seed": st.integers(0, 2**16)}), min_size=1, max_size=3)
     common = {"backend": st.sampled_from(backends), "params": params,
+              "optimizer": st.sampled_from(["record", "record", "fused"]),
               **{f"kw_{k}": v for k, v in SCALER_COMMON.items()},
               "load": st.sampled_from(LOAD_STATES),
               "iterations": st.lists(_iteration(NEW_SCALES), min_size=1, max_size=6)}
@@ -2440,6 +2442,14 @@ def _scaler_problems(kw) -> tuple[list, list, list]:
     return invalid, unsure, names
 
 
+def _bounds(kw, sd) -> tuple:
+    """(min_scale, max_scale) after the load: a mixprec state dict brings its own (documented), torch's none."""
+    lo, hi = kw.get("min_scale"), kw.get("max_scale")
+    if isinstance(sd, dict) and "min_scale" in sd:
+        lo, hi = sd.get("min_scale"), sd.get("max_scale")
+    return lo, hi
+
+
 def _load_state(case, kw, scaler_cls) -> tuple[dict | None, list, list]:
     """The state dict to load (None: no load), why it must be refused, and the names its refusal may give."""
     load = case["load"]
@@ -2501,30 +2511,40 @@ def _build_grad_scaler(case) -> Call:
                                               "layout": "contiguous", "values": "normal", "seed": pc["seed"],
                                               "flag": None})) for pc in pcs]
     sd, load_invalid, load_names = _load_state(case, kw, GradScaler)
-    enabled = kw.get("enabled", True)
-    if enabled is True:
+    enabled = bool(kw.get("enabled", True))  # the scaler's own rule: any truthy value enables it
+    if enabled:
         names += load_names
-    if load_invalid and enabled is True:
+    if load_invalid and enabled:
         invalid += load_invalid
-    if sd is not None and enabled is True and not load_invalid and "min_scale" in sd:
-        # an own state dict brings its own bounds (none): loaded in full
-        pass
     iterations = case["iterations"]
+    lo, hi = _bounds(kw, sd)
     for it in iterations:
         ns = it["new_scale"]
         if ns is not None:
             names.append("new_scale")
-        if ns in NEW_SCALES_HOSTILE and enabled is True:
-            valid = ns == 2.0**60 and kw.get("max_scale") is None
-            if not valid:
-                invalid.append(f"update(new_scale={ns!r})")
-        if ns == 1024.0 and enabled is True and (kw.get("max_scale") is not None and 1024.0 > kw["max_scale"] or
-                                                 kw.get("min_scale") is not None and 1024.0 < kw["min_scale"]):
+        if ns in NEW_SCALES_HOSTILE and enabled and not (ns == 2.0**60 and hi is None):
+            invalid.append(f"update(new_scale={ns!r})")
+        if ns == 1024.0 and enabled and ((hi is not None and 1024.0 > hi) or (lo is not None and 1024.0 < lo)):
             invalid.append("update(new_scale=1024) outside the bounds")
     if invalid:
         unsure = []
     box = {}
-    opt = _Recorder(params)
+    fused = case.get("optimizer") == "fused"
+    opt = mixprec.optim.FusedAdamW(params, lr=1e-3, backend=case["backend"]) if fused else _Recorder(params)
+
+    def step(k):
+        before = [p.detach().clone() for p in params]
+        grads = [p.grad.detach().clone() for p in params]
+        unscaled = iterations[k]["unscale"]
+        scale = box["scaler"]._scale
+        factor = torch.ones(()) if unscaled or scale is None or not box["scaler"].is_enabled() else \
+            scale.double().reciprocal().float()
+        box["scaler"].step(opt)
+        if fused:
+            true_grads = [g.float() * factor for g in grads]  # what the kernel's update reads
+            box.setdefault("fused", []).append((before, [p.detach().clone() for p in params], box["scaled"],
+                                                true_grads, grads, [p.grad.detach().clone() for p in params],
+                                                unscaled))
 
     def construct():
         box["scaler"] = GradScaler("cpu", **kw)
@@ -2535,6 +2555,7 @@ def _build_grad_scaler(case) -> Call:
     def prepare(k):
         box["scaler"].scale(torch.ones(()))
         _scaler_grads(params, pcs, iterations[k]["grads"], k)
+        box["scaled"] = [p.grad.detach().clone() for p in params]  # what the scaler's overflow check sees
 
     def unscale(k):
         if iterations[k]["unscale"]:
@@ -2556,7 +2577,8 @@ def _build_grad_scaler(case) -> Call:
             return []
         return [("scaler state", lambda: {k: v for k, v in s.state_dict().items()}),
                 *[(f"grad {i}", lambda p=p: p.grad) for i, p in enumerate(params)],
-                ("optimizer steps", lambda: len(opt.seen))]
+                ("optimizer", (lambda: [(id(p), dict(st_)) for p, st_ in opt.state.items()]) if fused else
+                 (lambda: len(opt.seen))), *[(f"param {i}", p) for i, p in enumerate(params)]]
 
     def run():
         seq = [("constructor", construct, lambda: [])]
@@ -2565,7 +2587,7 @@ def _build_grad_scaler(case) -> Call:
         for k in range(len(iterations)):
             seq += [(f"iteration {k + 1}: scale, grads", lambda k=k: prepare(k), lambda: []),
                     (f"iteration {k + 1}: unscale_", lambda k=k: unscale(k), watch_scaler),
-                    (f"iteration {k + 1}: step", lambda: box["scaler"].step(opt), watch_scaler),
+                    (f"iteration {k + 1}: step", lambda k=k: step(k), watch_scaler),
                     (f"iteration {k + 1}: update", lambda k=k: update(k), watch_scaler)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -2582,26 +2604,56 @@ def _scaler_oracle(case, kw, sd, pcs, opt, box):
     unchecked). Each iteration: the same decision to step and the same grads at the step, bit for bit (torch
     refuses fp16 grads: there its unscale kernel is called directly), the same scale after update(). Clipping:
     torch.nn.utils.clip_grad_norm_ on torch's side; both clip with a coefficient computed in fp32 from an fp32
-    norm (n terms: within (n + 8) u of each other, relatively; torch's norm of a half grad is rounded to the grad's
-    dtype, 2^-8 (bf16) or 2^-11 (fp16) relatively, twice), and round the clipped grads to their dtype (an ulp
-    more). Always: the scale finite, >= 2**-126, within
-    [min_scale, max_scale]."""
-    enabled = kw.get("enabled", True)
+    norm (n terms: within (n + 8) u of each other, relatively; torch computes the coefficient of half grads in
+    their dtype, four roundings of 2^-8 (bf16) or 2^-11 (fp16)), and round the clipped grads to their dtype (an
+    ulp more). Always: the scale finite, >= 2**-126, within
+    [min_scale, max_scale], and an enabled scaler never lets the optimizer step on non-finite grads (found_inf
+    must catch grads that overflow when unscaled, as at the 2**-126 floor any |grad| > 4 does)."""
+    enabled = bool(kw.get("enabled", True))
+    comparable_enabled = isinstance(kw.get("enabled", True), bool)
 
     def check(_):
         scales = box.get("scales", [])
-        lo = kw.get("min_scale") or SCALE_FLOOR
-        hi = kw.get("max_scale") or torch.finfo(torch.float32).max
+        lo, hi = _bounds(kw, sd)
+        lo, hi = lo or SCALE_FLOOR, hi or torch.finfo(torch.float32).max
         for k, s in enumerate(scales):
-            if enabled is True and not (math.isfinite(s) and lo <= s <= hi):
+            if enabled and not (math.isfinite(s) and lo <= s <= hi):
                 return f"iteration {k + 1}: scale {s!r} outside [{lo}, {hi}]"
-        comparable = (kw.get("hysteresis", 1) == 1 and kw.get("min_scale") is None and kw.get("max_scale") is None
-                      and all(it["new_scale"] is None for it in case["iterations"]) and isinstance(enabled, bool))
+        if case.get("optimizer") == "fused":
+            return _fused_under_scaler_problem(box.get("fused", []), enabled)
+        for k, grads in enumerate(opt.seen):
+            if enabled and any(g is not None and not bool(torch.isfinite(g).all()) for g in grads):
+                return f"step {k + 1}: the optimizer stepped on non-finite (unscaled) grads: found_inf was 0"
+        comparable = (kw.get("hysteresis", 1) == 1 and _bounds(kw, sd) == (None, None)
+                      and all(it["new_scale"] is None for it in case["iterations"]) and comparable_enabled)
         if not comparable:
             return None
         return _torch_scaler_problem(case, kw, sd, pcs, opt, scales)
 
     return check
+
+
+def _fused_under_scaler_problem(log, enabled: bool) -> str | None:
+    """FusedAdamW stepped by the scaler (the in-kernel unscale and skip, `_step_supports_amp_scaling`): a step
+    whose scaled grads hold inf/NaN changes no param (found_inf skips it in the kernel); a step of finite grads leaves
+    finite params finite; p.grad is left as the scaler left it (documented: still scaled unless unscale_ ran, since
+    unscale_grads=False)."""
+    for k, (before, after, scaled, true_grads, grads, grads_after, unscaled) in enumerate(log):
+        bad = any(not bool(torch.isfinite(g).all()) for g in scaled)
+        overflow = any(not bool(torch.isfinite(g).all()) for g in true_grads)
+        for i, (b, a) in enumerate(zip(before, after)):
+            if enabled and bad and not bits_equal(a, b):
+                return f"step {k + 1}: the grads held inf/NaN, yet param {i} changed: {first_difference(a, b)}"
+            if enabled and not bad and overflow and not bits_equal(a, b):
+                return (f"step {k + 1}: the grads overflow fp32 when unscaled, yet the step ran (found_inf looks at "
+                        f"the scaled values): param {i} {first_difference(a, b)}")
+            if not bad and not overflow and bool(torch.isfinite(b).all()) and not bool(torch.isfinite(a).all()):
+                return f"step {k + 1}: finite grads and params gave a non-finite param {i}"
+        for i, (g, ga) in enumerate(zip(grads, grads_after)):
+            if not bits_equal(g, ga):
+                return f"step {k + 1}: step() changed grad {i} ({'unscaled' if unscaled else 'scaled'}), " \
+                       f"documented to stay as the scaler left it: {first_difference(ga, g)}"
+    return None
 
 
 def _torch_scaler_problem(case, kw, sd, pcs, opt, scales) -> str | None:
@@ -2636,11 +2688,16 @@ def _torch_scaler_problem(case, kw, sd, pcs, opt, scales) -> str | None:
         norm_terms = sum(g.numel() for g in grads)
         clip_rel = 0.0
         if it["unscale"] and it["clip"] is not None:
-            torch.nn.utils.clip_grad_norm_(params, it["clip"])
-            # torch's norm of a half grad is rounded to its dtype (vector_norm keeps it), the total's norm once
-            # more: its coefficient is that far off (mixprec sums in fp32)
-            half = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+            # torch computes the coefficient of half grads in their dtype (the per-grad norms, the total norm, the
+            # + 1e-6 and the division: four roundings), mixprec in fp32
+            half = {torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
             clip_rel = (norm_terms + 8) * U32 + max([half.get(g.dtype, 0.0) for g in grads])
+            if any(float(g.double().norm()) > torch.finfo(g.dtype).max for g in grads if g.numel()) or \
+                    sum(float(g.double().square().sum()) for g in grads) >= torch.finfo(torch.float32).max:
+                # torch's norm of a half grad overflows its dtype (coefficient 0), or mixprec's fp32 sum of
+                # squares overflows (so does torch's for fp32 grads, not for half ones): no common answer
+                clip_rel = math.inf
+            torch.nn.utils.clip_grad_norm_(params, it["clip"])
         if not skipped:
             seen.append([g.clone() for g in grads])
         else:
@@ -2658,6 +2715,8 @@ def _torch_scaler_problem(case, kw, sd, pcs, opt, scales) -> str | None:
         if not skipped:
             got = opt.seen[len(steps_so_far) - 1]
             for i, (a, b) in enumerate(zip(got, seen[-1])):
+                if clip_rel == math.inf:
+                    continue
                 if clip_rel:  # and an ulp of the grad's dtype: the clipped grads are rounded to it
                     bound = clip_rel * b.double().abs() + _ulp(b.double(), b.dtype)
                     near = ((a.double() - b.double()).abs() <= bound) | (torch.isnan(a) & torch.isnan(b)) | (a == b)

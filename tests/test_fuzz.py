@@ -43,6 +43,16 @@ KNOWN = {
         (r"^crash: (TypeError|ValueError|RuntimeError): .*\(names none of",
          "other loaded group values (betas, weight_decay None) accepted at load and refused at step() without "
          "naming the parameter group; mixprec/optim.py load_state_dict"),
+        (r"^lost: step after the load: ValueError: steps\[\d+\] must be a finite count",
+         "a loaded step of -3 or NaN is accepted; the next step() refuses that param's bucket after updating the "
+         "other buckets (fp32 and fp16 params): a refused step writes part of the update; mixprec/optim.py (check "
+         "loaded steps at load; check every bucket before running any)"),
+    ],
+    "amp.GradScaler": [
+        (r"^wrong: .*(stepped on non-finite \(unscaled\) grads|overflow fp32 when unscaled)",
+         "a step runs on grads that overflow fp32 when unscaled (found_inf looks at the scaled values): at the "
+         "2**-126 floor any |scaled grad| > 4 writes inf/NaN into the weights (torch's scaler too); fix in the "
+         "unscale pass (flag non-finite products, not only non-finite inputs) and the fused optimizers' skip"),
     ],
     "bench CLI": [
         (r"^crash: (KeyError|TypeError|AttributeError): .* at mixprec/tools/bench.py",
