@@ -13,7 +13,8 @@ call from a case, makes the call and classifies what happened:
   inv_scale): ``names`` lists them all, ``invalid`` those the documentation says are refused.
 - "ok": returned, and the result agrees with an independent oracle where there is one (torch's own unscale,
   an fp64 GEMM with the fp32 summation bound, mixprec.reference bit for bit for the kernels, torch.optim.AdamW
-  and torch.amp.GradScaler for the torch-parity paths; tolerances are derived next to each oracle).
+  and torch.amp.GradScaler for the torch-parity paths; tolerances are derived next to each oracle). The
+  outcome's detail says "checked" or "unchecked" (an input either outcome was acceptable for, or no oracle).
 - "wrong" (silent wrong answer): returned, but the oracle disagrees, or an input the documentation says is
   refused was accepted.
 - "crash": any other exception type, an error that names none of the hostile arguments, a refusal of an input
