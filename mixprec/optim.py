@@ -135,6 +135,8 @@ for a given sharding, not across shardings.
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from collections import defaultdict
 
 import torch
@@ -205,6 +207,9 @@ def _mix_seed(seed: int, group_index: int) -> int:
 
 def _check_global(key: str, value):
     """The value of an option of the whole optimizer (_GLOBAL_DEFAULTS), checked."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if key == "max_grad_norm" and value is not None and not real:
+        raise TypeError(f"max_grad_norm must be a float or None, got {type(value).__name__}")
     if key == "max_grad_norm" and value is not None and not value > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {value}")
     if key == "unscale_grads" and not isinstance(value, bool):
@@ -332,8 +337,11 @@ class FusedAdam(torch.optim.Optimizer):
                 raise ValueError(f"{where}Tensor lr must be 1-element")
             if lr.device.type == "cpu" and not 0.0 <= float(lr):
                 raise ValueError(f"{where}Invalid learning rate: {float(lr)}")
-        elif not 0.0 <= lr:
-            raise ValueError(f"{where}Invalid learning rate: {lr}")
+        else:
+            try:
+                check_adam_hyper(lr=lr, beta1=0.0, beta2=0.0, eps=1.0, weight_decay=0.0)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{where}{exc}") from None
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"{where}betas must be a pair, got {betas!r}")
         tensors = [isinstance(b, torch.Tensor) for b in betas]
@@ -346,8 +354,11 @@ class FusedAdam(torch.optim.Optimizer):
                 if b.device.type != "cpu" and group["capturable"]:
                     raise ValueError(f"{where}betas[{k}] is a tensor on {b.device}: it is read with float() at "
                                      "each step, a sync that capturable=True rules out; keep it on the CPU")
-        beta1, beta2 = (float(b) for b in betas)
-        check_adam_hyper(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        beta1, beta2 = (float(b) if isinstance(b, torch.Tensor) else b for b in betas)
+        try:
+            check_adam_hyper(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where}{exc}") from None
         master_weights, state_dtype = group["master_weights"], group["state_dtype"]
         if not (master_weights is True or master_weights is False or master_weights in ("auto", "remainder")):
             raise ValueError(f"{where}master_weights must be 'auto', True, False or 'remainder', got "
@@ -728,7 +739,14 @@ class FusedAdam(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) or not isinstance(
+                state_dict.get("param_groups"), (list, tuple)):
+            raise ValueError("the state dict must be a dict with a dict 'state' and a list 'param_groups' (what "
+                             "optimizer.state_dict() returns)")
         saved_groups = state_dict["param_groups"]
+        for gi, saved in enumerate(saved_groups):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(f"param_groups[{gi}] of the loaded state dict must be a dict with a 'params' list")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         if any(len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)):
@@ -746,6 +764,7 @@ class FusedAdam(torch.optim.Optimizer):
             group["params"] = live["params"]
             if "param_names" in live and "param_names" not in group:
                 group["param_names"] = live["param_names"]
+            self._check_options(group, f"loaded param_groups[{len(groups)}]: ")
             if group["amsgrad"] and group["state_dtype"] == "int8":
                 raise ValueError(f"param_groups[{len(groups)}]: the loaded state dict has amsgrad=True, which is not "
                                  "supported with this optimizer's state_dtype='int8' (use torch.bfloat16 or "
@@ -779,12 +798,17 @@ class FusedAdam(torch.optim.Optimizer):
             raise ValueError(f"{name}: the loaded state must be a dict, got {type(saved).__name__}")
         state = {}
         for key, value in saved.items():
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                raise ValueError(f"{name}: the loaded state {key!r} is a meta tensor (it holds no values)")
             if key == "step":
                 step = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(float(value))
                 if step.numel() != 1:
                     raise ValueError(f"{name}: the loaded state 'step' must have one element, got shape "
                                      f"{tuple(step.shape)}")
                 state[key] = step.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
+                if not (math.isfinite(float(state[key])) and float(state[key]) >= 0):  # a load may sync
+                    raise ValueError(f"{name}: the loaded state 'step' must be a finite count >= 0, got "
+                                     f"{float(state[key])}")
             elif key in _SHAPED_STATE or key in _SCALES:
                 state[key] = self._loaded_tensor(name, key, p, value, live.get(key))
             else:

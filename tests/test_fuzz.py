@@ -19,45 +19,11 @@ from tests import fuzz_targets as ft
 
 # target -> [(regex on "kind: detail", the finding and the fix it waits for)]
 KNOWN = {
-    "ops.adam_step_": [
-        (r"^crash: TypeError: float\(\) argument must be .*'NoneType'",
-         "ops.adam_step_(lr=None) raises a TypeError naming nothing (check_adam_hyper skips lr=None, then "
-         "float(None)); fix in mixprec/ops/adam.py"),
-    ],
-    "optim.FusedAdam/W": [
-        (r"^crash: TypeError: '[<>]=?' not supported between instances of",
-         "FusedAdam/W(lr='0.1') and (max_grad_norm='1') raise a TypeError naming nothing (_check_options, "
-         "_check_global compare before checking the type); fix in mixprec/optim.py"),
-    ],
-    "optim.FusedAdamW.load_state_dict": [
-        (r"^crash: AttributeError: 'list' object has no attribute 'items'",
-         "load_state_dict with 'state' not a dict: AttributeError; fix in mixprec/optim.py load_state_dict"),
-        (r"^crash: TypeError: list indices must be integers or slices, not str",
-         "load_state_dict with a param group that is not a dict: TypeError naming nothing; mixprec/optim.py"),
-        (r"^crash: NotImplementedError: Cannot copy out of meta tensor",
-         "load_state_dict with a state tensor on the meta device: NotImplementedError naming nothing; "
-         "mixprec/optim.py _loaded_state"),
-        (r"^crash: TypeError: fill_\(\) received an invalid combination",
-         "a loaded param group with lr='0.1' is accepted, then step() fails in fill_ naming nothing; "
-         "mixprec/optim.py (check loaded groups as the constructor checks its options)"),
-        (r"^crash: (TypeError|ValueError|RuntimeError): .*\(names none of",
-         "other loaded group values (betas, weight_decay None) accepted at load and refused at step() without "
-         "naming the parameter group; mixprec/optim.py load_state_dict"),
-        (r"^lost: step after the load: ValueError: steps\[\d+\] must be a finite count",
-         "a loaded step of -3 or NaN is accepted; the next step() refuses that param's bucket after updating the "
-         "other buckets (fp32 and fp16 params): a refused step writes part of the update; mixprec/optim.py (check "
-         "loaded steps at load; check every bucket before running any)"),
-    ],
     "amp.GradScaler": [
         (r"^wrong: .*(stepped on non-finite \(unscaled\) grads|overflow fp32 when unscaled)",
          "a step runs on grads that overflow fp32 when unscaled (found_inf looks at the scaled values): at the "
          "2**-126 floor any |scaled grad| > 4 writes inf/NaN into the weights (torch's scaler too); fix in the "
          "unscale pass (flag non-finite products, not only non-finite inputs) and the fused optimizers' skip"),
-    ],
-    "bench CLI": [
-        (r"^crash: (KeyError|TypeError|AttributeError): .* at mixprec/tools/bench.py",
-         "--from-json with a results.json whose rows are not rows (a dict, rows missing keys) ends in a traceback; "
-         "fix in mixprec/tools/bench.py load_result (check the rows with row_problems)"),
     ],
 }
 

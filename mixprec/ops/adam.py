@@ -176,6 +176,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, be
 
 
 def _check_flags(lr, beta1, beta2, eps, weight_decay, decoupled, maximize, sr_seed) -> None:
+    if lr is None:
+        raise TypeError("lr must be a float or a one-element tensor, got None")
     check_adam_hyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     for name, x in (("decoupled", decoupled), ("maximize", maximize)):
         if not isinstance(x, (bool, int)):
