@@ -16,7 +16,9 @@ namespace {
 
 // note: blocks of 32K elements (~900 KB of traffic for fp16 params with masters) amortize the scheduling and
 // balance across cores; each element's update is independent, so results do not depend on the thread count.
+// A multiple of the int8 quantization block, so that a thread owns each quantization block whole.
 constexpr int64_t kBlock = 32768;
+static_assert(kBlock % kInt8Block == 0, "CPU blocks hold whole quantization blocks");
 
 struct Block {
   int64_t tensor, begin, size;
@@ -29,13 +31,16 @@ T* offset(T* base, int64_t elements, int element_size) {
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                    at::TensorList steps, at::TensorList max_exp_avg_sqs, at::TensorList master_params,
+                   at::TensorList param_remainders, at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
                    const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                    bool maximize, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
                    int64_t sr_seed) {
   const at::Device device(at::kCPU);
-  const AdamArgs args = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs, master_params, lr,
-                                        beta1, beta2, eps, grad_scale, found_inf, clip_coef, sr_seed, device);
+  const AdamArgs args =
+      check_adam_args(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs, master_params, param_remainders,
+                      exp_avg_scales, exp_avg_sq_scales, lr, beta1, beta2, eps, grad_scale, found_inf, clip_coef,
+                      sr_seed, device);
   // A skipped step writes nothing at all, the step counts included.
   if (found_inf && found_inf->data_ptr<float>()[0] != 0.f) return;
 
@@ -56,6 +61,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       blocks.push_back({static_cast<int64_t>(t), b, std::min(kBlock, params[t].numel() - b)});
     }
   }
+  const int state_size = args.state == StateKind::Fp32 ? 4 : args.state == StateKind::BFloat16 ? 2 : 1;
   const bool use_avx2 = cpu_use_avx2();
   // note: blocks are handed out one at a time from a shared counter rather than split statically by
   // at::parallel_for: a core slowed by another process (2 shared cores here) then takes fewer blocks
@@ -75,17 +81,22 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       const Block& b = blocks[i];
       const size_t t = static_cast<size_t>(b.tensor);
       const int size = dtype_size(args.dtypes[t]);
+      const bool int8 = args.state == StateKind::Int8;
+      const int64_t quant_block = b.begin / kInt8Block;
       cpu::AdamBlock block{
           offset(params[t].data_ptr(), b.begin, size),
           offset(static_cast<const void*>(grads[t].data_ptr()), b.begin, size),
-          offset(exp_avgs[t].data_ptr<float>(), b.begin, 4),
-          offset(exp_avg_sqs[t].data_ptr<float>(), b.begin, 4),
-          args.amsgrad ? offset(max_exp_avg_sqs[t].data_ptr<float>(), b.begin, 4) : nullptr,
-          args.master ? offset(master_params[t].data_ptr<float>(), b.begin, 4) : nullptr,
+          offset(exp_avgs[t].data_ptr(), b.begin, state_size),
+          offset(exp_avg_sqs[t].data_ptr(), b.begin, state_size),
+          args.amsgrad ? offset(max_exp_avg_sqs[t].data_ptr(), b.begin, state_size) : nullptr,
+          args.master == MasterKind::Fp32 ? offset(master_params[t].data_ptr<float>(), b.begin, 4) : nullptr,
+          args.master == MasterKind::Remainder ? offset(param_remainders[t].data_ptr<int16_t>(), b.begin, 2) : nullptr,
+          int8 ? exp_avg_scales[t].data_ptr<float>() + quant_block : nullptr,
+          int8 ? exp_avg_sq_scales[t].data_ptr<float>() + quant_block : nullptr,
           b.size,
           b.begin,
           keys[t]};
-      const cpu::AdamVariant variant{args.dtypes[t], args.master, args.amsgrad, decoupled,
+      const cpu::AdamVariant variant{args.dtypes[t], args.master, args.state, args.amsgrad, decoupled,
                                      args.stochastic && args.dtypes[t] == DType::BFloat16};
       cpu::adam_block(block, variant, coeffs[t], flags, use_avx2);
     }

@@ -7,7 +7,9 @@
 
 #include "adam_kernel.h"
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "mixprec/adam_dispatch.h"
 #include "simd_avx2.h"
@@ -15,93 +17,401 @@
 namespace mixprec::cpu {
 namespace {
 
-// Elements [begin, end) of the block, one at a time: the portable kernel, and the AVX2 kernel's tail.
-template <DType T, bool kMaster, bool kAmsgrad, bool kDecoupled, bool kStochastic>
-void adam_scalar(const AdamBlock& b, const AdamCoeffs<float>& c, const AdamFlags& flags, int64_t begin,
-                 int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    AdamSlots<float> s;
-    if constexpr (kMaster) s.param = b.master[i];
-    else s.param = load_as_float<T>(b.param, i);
-    s.grad = load_as_float<T>(b.grad, i);
-    s.exp_avg = b.exp_avg[i];
-    s.exp_avg_sq = b.exp_avg_sq[i];
-    if constexpr (kAmsgrad) s.max_exp_avg_sq = b.max_exp_avg_sq[i];
-    adam_update<kDecoupled, kAmsgrad>(s, c, flags);
-    b.exp_avg[i] = s.exp_avg;
-    b.exp_avg_sq[i] = s.exp_avg_sq;
-    if constexpr (kAmsgrad) b.max_exp_avg_sq[i] = s.max_exp_avg_sq;
-    if constexpr (kMaster) b.master[i] = s.param;
-    store_param<T, kStochastic>(b.param, i, s.param, b.sr_key, static_cast<uint64_t>(b.first_index + i));
+// The variant as compile-time constants.
+template <DType T, MasterKind M, StateKind S, bool kAmsgrad, bool kDecoupled, bool kStochastic>
+struct Kind {
+  static constexpr DType kDType = T;
+  static constexpr MasterKind kMaster = M;
+  static constexpr StateKind kState = S;
+  static constexpr bool kAms = kAmsgrad, kDec = kDecoupled, kSR = kStochastic;
+  // the storage type of fp32 / bf16 states (int8 codes are read apart)
+  static constexpr DType kStateDType = S == StateKind::BFloat16 ? DType::BFloat16 : DType::Float32;
+  // with fp32 masters a half param is only written: the AVX2 kernel may store it without reading it first
+  static constexpr bool kWriteOnlyParam = M == MasterKind::Fp32 && T != DType::Float32;
+  // some store rounds to bf16 on the bit pattern (RNE, SR, remainder split), whose NaN case the AVX2 kernel
+  // takes only for vectors that hold a NaN
+  static constexpr bool kBf16Stores = (T == DType::BFloat16 && M != MasterKind::Fp32) || S == StateKind::BFloat16;
+  // every stream has 16-bit or 8-bit elements: the AVX2 kernel works on 16 elements as even/odd halves
+  static constexpr bool kPairs = T == DType::BFloat16 && M != MasterKind::Fp32 && S != StateKind::Fp32;
+};
+
+// ---- lanes: the loads and stores of one step of the kernel loop ----
+//
+// kWidth consecutive elements at a time: one (the portable kernel, and the AVX2 kernel's tails), 8 (AVX2) or 16
+// (AVX2 as even/odd pairs). F holds fp32 values, I 32-bit lanes (bit patterns, codes); the element math of
+// mixprec/adam_math.h is instantiated for each. 16-bit elements come and go as the high half of a lane (hi16:
+// bf16 params and states, whose fp32 bits they are) or the low half (lo16, remainders; loaded sign-extended).
+// int8 codes load as the hi16 of their value before the scale (int8_value_hi16_*). "stash" keeps fp32 values in a
+// buffer that only the same lanes read back (the pairs keep their own order there).
+struct ScalarLanes {
+  static constexpr int kWidth = 1;
+  using F = float;
+  using I = uint32_t;
+  static const uint16_t* u16(const void* p) { return static_cast<const uint16_t*>(p); }
+  static F broadcast(float x) { return x; }
+  static F load_f32(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+  static void store_f32(void* p, int64_t i, F v) { static_cast<float*>(p)[i] = v; }
+  static F load_f16(const void* p, int64_t i) { return half_to_float(u16(p)[i]); }
+  static void store_f16(void* p, int64_t i, F v) { static_cast<uint16_t*>(p)[i] = float_to_half_rne(v); }
+  template <DType T>
+  static void store_streaming(void* p, int64_t i, F v) { store_from_float<T>(p, i, v); }
+  static I load_hi16(const void* p, int64_t i) { return static_cast<uint32_t>(u16(p)[i]) << 16; }
+  static I load_lo16s(const void* p, int64_t i) {
+    return static_cast<uint32_t>(static_cast<int32_t>(static_cast<const int16_t*>(p)[i]));
+  }
+  static void store_hi16(void* p, int64_t i, I t) { static_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(t >> 16); }
+  static void store_lo16(void* p, int64_t i, I t) { static_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(t); }
+  static I load_value_m(const void* p, int64_t i) {
+    return int8_value_hi16_m(static_cast<uint32_t>(static_cast<int32_t>(static_cast<const int8_t*>(p)[i]))) << 16;
+  }
+  static I load_value_v(const void* p, int64_t i) {
+    return int8_value_hi16_v(static_cast<uint32_t>(static_cast<const uint8_t*>(p)[i])) << 16;
+  }
+  static void store_codes(void* pm, void* pv, int64_t i, I km, I kv) {
+    static_cast<uint8_t*>(pm)[i] = static_cast<uint8_t>(km);
+    static_cast<uint8_t*>(pv)[i] = static_cast<uint8_t>(kv);
+  }
+  static void stash(float* p, int64_t i, F v) { p[i] = v; }
+  static F unstash(const float* p, int64_t i) { return p[i]; }
+  static I lane_index(uint32_t first) { return first; }  // the low words of the lanes' element indices
+  static bool any_nan(F) { return true; }  // (never asked: one element takes the exact stores)
+  static bool any_nan(F, F, F) { return true; }
+  static uint32_t hmax(I v) { return v; }
+  static void fence() {}
+};
+
+struct Avx2Lanes {
+  static constexpr int kWidth = 8;
+  using F = avx2::Vec8;
+  using I = avx2::Vec8i;
+  template <class P>
+  MIXPREC_AVX2 static P* at(P* p, int64_t i, int size) {
+    return reinterpret_cast<P*>(reinterpret_cast<uintptr_t>(p) + i * size);
+  }
+  MIXPREC_AVX2 static __m128i load128(const void* p, int64_t i, int size) {
+    return _mm_loadu_si128(static_cast<const __m128i*>(at(p, i, size)));
+  }
+  MIXPREC_AVX2 static F broadcast(float x) { return avx2::broadcast8(x); }
+  MIXPREC_AVX2 static F load_f32(const void* p, int64_t i) { return {_mm256_loadu_ps(static_cast<const float*>(p) + i)}; }
+  MIXPREC_AVX2 static void store_f32(void* p, int64_t i, F v) { _mm256_storeu_ps(static_cast<float*>(p) + i, v.v); }
+  MIXPREC_AVX2 static F load_f16(const void* p, int64_t i) { return {_mm256_cvtph_ps(load128(p, i, 2))}; }
+  MIXPREC_AVX2 static void store_f16(void* p, int64_t i, F v) {
+    _mm_storeu_si128(static_cast<__m128i*>(at(p, i, 2)), avx2::pack_half8<DType::Float16>(v.v));
+  }
+  // note: a non-temporal store writes the param's cache lines without reading them first (read-for-ownership):
+  // 2 bytes per param less on a write-only stream (16-byte aligned base, 8-element steps)
+  template <DType T>
+  MIXPREC_AVX2 static void store_streaming(void* p, int64_t i, F v) {
+    _mm_stream_si128(static_cast<__m128i*>(at(p, i, 2)), avx2::pack_half8<T>(v.v));
+  }
+  MIXPREC_AVX2 static I load_hi16(const void* p, int64_t i) {
+    return {_mm256_slli_epi32(_mm256_cvtepu16_epi32(load128(p, i, 2)), 16)};
+  }
+  MIXPREC_AVX2 static I load_lo16s(const void* p, int64_t i) { return {_mm256_cvtepi16_epi32(load128(p, i, 2))}; }
+  MIXPREC_AVX2 static void store_hi16(void* p, int64_t i, I t) {
+    _mm_storeu_si128(static_cast<__m128i*>(at(p, i, 2)), avx2::pack_high16(t));
+  }
+  MIXPREC_AVX2 static void store_lo16(void* p, int64_t i, I t) {
+    _mm_storeu_si128(static_cast<__m128i*>(at(p, i, 2)), avx2::pack_low16(t));
+  }
+  MIXPREC_AVX2 static __m128i load64(const void* p, int64_t i) {
+    return _mm_loadl_epi64(static_cast<const __m128i*>(at(p, i, 1)));
+  }
+  MIXPREC_AVX2 static I load_value_m(const void* p, int64_t i) {
+    return int8_value_hi16_m(I{_mm256_cvtepi8_epi32(load64(p, i))}) << 16;
+  }
+  MIXPREC_AVX2 static I load_value_v(const void* p, int64_t i) {
+    return int8_value_hi16_v(I{_mm256_cvtepu8_epi32(load64(p, i))}) << 16;
+  }
+  MIXPREC_AVX2 static void store_codes(void* pm, void* pv, int64_t i, I km, I kv) {
+    avx2::store_low8(at(pm, i, 1), km);
+    avx2::store_low8(at(pv, i, 1), kv);
+  }
+  MIXPREC_AVX2 static void stash(float* p, int64_t i, F v) { _mm256_storeu_ps(p + i, v.v); }
+  MIXPREC_AVX2 static F unstash(const float* p, int64_t i) { return {_mm256_loadu_ps(p + i)}; }
+  MIXPREC_AVX2 static I lane_index(uint32_t first) {
+    return {_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))};
+  }
+  MIXPREC_AVX2 static bool any_nan(F a, F b, F c) {
+    const __m256 nan = _mm256_or_ps(_mm256_cmp_ps(a.v, b.v, _CMP_UNORD_Q), _mm256_cmp_ps(c.v, c.v, _CMP_UNORD_Q));
+    return _mm256_movemask_ps(nan) != 0;
+  }
+  MIXPREC_AVX2 static bool any_nan(F a) { return _mm256_movemask_ps(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q)) != 0; }
+  MIXPREC_AVX2 static uint32_t hmax(I v) { return avx2::hmax_u32(v); }
+  MIXPREC_AVX2 static void fence() { _mm_sfence(); }  // non-temporal stores are weakly ordered: publish them
+};
+
+// 16 elements as (even, odd) halves (avx2::Pair), for variants whose streams are all 16-bit or 8-bit: one 256-bit
+// load of 16 16-bit values splits into the halves with a shift or a mask, and the halves merge back the same
+// way, where the 8-lane kernel spends a shuffle (the one port that does them) on every widening and narrowing.
+struct PairLanes {
+  static constexpr int kWidth = 16;
+  using F = avx2::Pair<avx2::Vec8>;
+  using I = avx2::Pair<avx2::Vec8i>;
+  MIXPREC_AVX2 static __m256i load256(const void* p, int64_t i, int size) {
+    return _mm256_loadu_si256(static_cast<const __m256i*>(Avx2Lanes::at(p, i, size)));
+  }
+  MIXPREC_AVX2 static void store256(void* p, int64_t i, int size, __m256i v) {
+    _mm256_storeu_si256(static_cast<__m256i*>(Avx2Lanes::at(p, i, size)), v);
+  }
+  // the high halves of each 32-bit lane of x as (even, odd): element 2j is the low 16 bits of lane j
+  MIXPREC_AVX2 static I split_hi16(__m256i x) {
+    return {{_mm256_slli_epi32(x, 16)}, {_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xffff0000u)))}};
+  }
+  MIXPREC_AVX2 static F broadcast(float x) { return {avx2::broadcast8(x), avx2::broadcast8(x)}; }
+  MIXPREC_AVX2 static I load_hi16(const void* p, int64_t i) { return split_hi16(load256(p, i, 2)); }
+  MIXPREC_AVX2 static I load_lo16s(const void* p, int64_t i) {
+    const __m256i x = load256(p, i, 2);
+    return {{_mm256_srai_epi32(_mm256_slli_epi32(x, 16), 16)}, {_mm256_srai_epi32(x, 16)}};
+  }
+  MIXPREC_AVX2 static void store_hi16(void* p, int64_t i, I t) {
+    const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    store256(p, i, 2, _mm256_or_si256(_mm256_srli_epi32(t.e.v, 16), _mm256_and_si256(t.o.v, hi)));
+  }
+  MIXPREC_AVX2 static void store_lo16(void* p, int64_t i, I t) {
+    const __m256i lo = _mm256_set1_epi32(0xffff);
+    store256(p, i, 2, _mm256_or_si256(_mm256_and_si256(t.e.v, lo), _mm256_slli_epi32(t.o.v, 16)));
+  }
+  // 16 codes widened to 16-bit lanes in order, decoded there 16 at a time, then split like hi16 values
+  MIXPREC_AVX2 static I load_value_m(const void* p, int64_t i) {
+    return split_hi16(int8_value_hi16_m(avx2::Vec16w{_mm256_cvtepi8_epi16(Avx2Lanes::load128(p, i, 1))}).v);
+  }
+  MIXPREC_AVX2 static I load_value_v(const void* p, int64_t i) {
+    return split_hi16(int8_value_hi16_v(avx2::Vec16w{_mm256_cvtepu8_epi16(Avx2Lanes::load128(p, i, 1))}).v);
+  }
+  // even and odd codes merge into the low 16 bits of each lane (m's masked to their byte: they may be negative),
+  // one saturating pack (exact: the values are < 2^16) puts m's and v's 16 bytes in the two 128-bit halves
+  MIXPREC_AVX2 static void store_codes(void* pm, void* pv, int64_t i, I km, I kv) {
+    const __m256i byte = _mm256_set1_epi32(0xff);
+    const __m256i wm = _mm256_or_si256(_mm256_and_si256(km.e.v, byte), _mm256_slli_epi32(_mm256_and_si256(km.o.v, byte), 8));
+    const __m256i wv = _mm256_or_si256(kv.e.v, _mm256_slli_epi32(kv.o.v, 8));
+    const __m256i both = _mm256_permute4x64_epi64(_mm256_packus_epi32(wm, wv), 0b11011000);
+    _mm_storeu_si128(static_cast<__m128i*>(Avx2Lanes::at(pm, i, 1)), _mm256_castsi256_si128(both));
+    _mm_storeu_si128(static_cast<__m128i*>(Avx2Lanes::at(pv, i, 1)), _mm256_extracti128_si256(both, 1));
+  }
+  MIXPREC_AVX2 static void stash(float* p, int64_t i, F v) {
+    _mm256_storeu_ps(p + i, v.e.v);
+    _mm256_storeu_ps(p + i + 8, v.o.v);
+  }
+  MIXPREC_AVX2 static F unstash(const float* p, int64_t i) { return {{_mm256_loadu_ps(p + i)}, {_mm256_loadu_ps(p + i + 8)}}; }
+  MIXPREC_AVX2 static I lane_index(uint32_t first) {
+    const __m256i base = _mm256_set1_epi32(static_cast<int>(first));
+    return {{_mm256_add_epi32(base, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14))},
+            {_mm256_add_epi32(base, _mm256_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15))}};
+  }
+  MIXPREC_AVX2 static bool any_nan(F a, F b, F c) {
+    const __m256 ab = _mm256_or_ps(_mm256_cmp_ps(a.e.v, b.e.v, _CMP_UNORD_Q), _mm256_cmp_ps(a.o.v, b.o.v, _CMP_UNORD_Q));
+    return _mm256_movemask_ps(_mm256_or_ps(ab, _mm256_cmp_ps(c.e.v, c.o.v, _CMP_UNORD_Q))) != 0;
+  }
+  MIXPREC_AVX2 static bool any_nan(F a) { return _mm256_movemask_ps(_mm256_cmp_ps(a.e.v, a.o.v, _CMP_UNORD_Q)) != 0; }
+  MIXPREC_AVX2 static uint32_t hmax(I v) { return std::max(avx2::hmax_u32(v.e), avx2::hmax_u32(v.o)); }
+  MIXPREC_AVX2 static void fence() { _mm_sfence(); }
+};
+
+// A value of storage type T: loaded to fp32, stored rounded to nearest even.
+template <DType T, class L>
+typename L::F load_value(const void* p, int64_t i) {
+  if constexpr (T == DType::Float32) return L::load_f32(p, i);
+  else if constexpr (T == DType::Float16) return L::load_f16(p, i);
+  else return op_from_bits(L::load_hi16(p, i));
+}
+
+template <DType T, bool kMayBeNaN, class L>
+void store_value(void* p, int64_t i, typename L::F v) {
+  if constexpr (T == DType::Float32) L::store_f32(p, i, v);
+  else if constexpr (T == DType::Float16) L::store_f16(p, i, v);
+  else L::store_hi16(p, i, bf16_rne_bits<kMayBeNaN>(v));
+}
+
+template <class L>
+AdamCoeffs<typename L::F> broadcast_coeffs(const AdamCoeffs<float>& c) {
+  return {L::broadcast(c.grad_factor),     L::broadcast(c.weight_decay), L::broadcast(c.decay),
+          L::broadcast(c.beta1),           L::broadcast(c.one_minus_beta1), L::broadcast(c.beta2),
+          L::broadcast(c.one_minus_beta2), L::broadcast(c.inv_bc2_sqrt), L::broadcast(c.eps),
+          L::broadcast(c.neg_step_size)};
+}
+
+// One quantization block of int8 states while it is updated: its stored scales, the new fp32 moments of its
+// elements (stashed until the block's absmax is known, then encoded) and their running absmax bits.
+struct Int8Segment {
+  int64_t begin;            // its first element, in the CPU block
+  float scale_m, scale_v;   // the scales the update decodes with
+  float* m;                 // the new exp_avg of element i at m[i - begin] (in the lanes' stash order)
+  float* v;
+  uint32_t max_m, max_v;    // max of int8_abs_bits over the elements done so far
+};
+
+// The stores of the param side and of fp32 / bf16 states after the update of elements [i, i + kWidth).
+template <class K, class L, bool kMayBeNaN>
+void store_outputs(const AdamBlock& b, int64_t i, const AdamSlots<typename L::F>& s, bool stream_param,
+                   typename L::I index_lo, uint32_t index_hi) {
+  constexpr DType T = K::kDType;
+  if constexpr (K::kState != StateKind::Int8) {
+    store_value<K::kStateDType, kMayBeNaN, L>(b.exp_avg, i, s.exp_avg);
+    store_value<K::kStateDType, kMayBeNaN, L>(b.exp_avg_sq, i, s.exp_avg_sq);
+    if constexpr (K::kAms) store_value<K::kStateDType, kMayBeNaN, L>(b.max_exp_avg_sq, i, s.max_exp_avg_sq);
+  }
+  if constexpr (K::kMaster == MasterKind::Fp32) {
+    L::store_f32(b.master, i, s.param);
+    if (stream_param) L::template store_streaming<T>(b.param, i, s.param);
+    else store_value<T, kMayBeNaN, L>(b.param, i, s.param);
+  } else if constexpr (K::kMaster == MasterKind::Remainder) {
+    const auto split = remainder_split<kMayBeNaN>(s.param);
+    L::store_hi16(b.param, i, split.param);
+    L::store_lo16(b.remainder, i, split.remainder);
+  } else if constexpr (K::kSR) {
+    L::store_hi16(b.param, i, bf16_sr_bits<kMayBeNaN>(s.param, sr_bits(b.sr_key, index_lo, index_hi)));
+  } else {
+    store_value<T, kMayBeNaN, L>(b.param, i, s.param);
   }
 }
 
-// 8 elements per iteration through the same adam_update, instantiated for avx2::Vec8; flatten inlines the
-// generic math and the Vec8 operations into this avx2 function.
-template <DType T, bool kMaster, bool kAmsgrad, bool kDecoupled, bool kStochastic>
-MIXPREC_AVX2 __attribute__((flatten)) void adam_avx2(const AdamBlock& b, const AdamCoeffs<float>& c,
-                                                      const AdamFlags& flags) {
-  using avx2::Vec8;
-  using avx2::broadcast8;
-  constexpr int kSize = T == DType::Float32 ? 4 : 2;
-  const AdamCoeffs<Vec8> cv{broadcast8(c.grad_factor), broadcast8(c.weight_decay), broadcast8(c.decay),
-                            broadcast8(c.beta1),       broadcast8(c.one_minus_beta1), broadcast8(c.beta2),
-                            broadcast8(c.one_minus_beta2), broadcast8(c.inv_bc2_sqrt), broadcast8(c.eps),
-                            broadcast8(c.neg_step_size)};
-  char* param = static_cast<char*>(b.param);
-  const char* grad = static_cast<const char*>(b.grad);
-  // note: with masters the half param is a write-only stream. A plain store first reads each line into the
-  // cache (read-for-ownership): 2 more bytes per param on top of the 28 the update needs, ~7%. A
-  // non-temporal store writes the line without reading it (16-byte-aligned half buffers; the
-  // vector stores below are 16 bytes at 8-element steps from the aligned start).
-  constexpr bool kHalf = T != DType::Float32;
-  const bool stream_param = kMaster && kHalf && reinterpret_cast<uintptr_t>(param) % 16 == 0;
-  int64_t i = 0;
-  for (; i + 8 <= b.n; i += 8) {
-    AdamSlots<Vec8> s;
-    if constexpr (kMaster) s.param = {_mm256_loadu_ps(b.master + i)};
-    else s.param = {avx2::load8<T>(param + i * kSize)};
-    s.grad = {avx2::load8<T>(grad + i * kSize)};
-    s.exp_avg = {_mm256_loadu_ps(b.exp_avg + i)};
-    s.exp_avg_sq = {_mm256_loadu_ps(b.exp_avg_sq + i)};
-    if constexpr (kAmsgrad) s.max_exp_avg_sq = {_mm256_loadu_ps(b.max_exp_avg_sq + i)};
-    adam_update<kDecoupled, kAmsgrad>(s, cv, flags);
-    _mm256_storeu_ps(b.exp_avg + i, s.exp_avg.v);
-    _mm256_storeu_ps(b.exp_avg_sq + i, s.exp_avg_sq.v);
-    if constexpr (kAmsgrad) _mm256_storeu_ps(b.max_exp_avg_sq + i, s.max_exp_avg_sq.v);
-    if constexpr (kMaster) _mm256_storeu_ps(b.master + i, s.param.v);
-    if constexpr (kStochastic) {
-      // the random bits are a scalar hash per element (a rarely used variant; not worth a vector hash)
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, s.param.v);
-      for (int k = 0; k < 8; ++k) {
-        store_param<T, true>(param, i + k, lanes[k], b.sr_key, static_cast<uint64_t>(b.first_index + i + k));
-      }
-    } else if constexpr (kMaster && kHalf) {
-      if (stream_param) {
-        _mm_stream_si128(reinterpret_cast<__m128i*>(param + i * kSize), avx2::pack_half8<T>(s.param.v));
-      } else {
-        avx2::store8<T>(param + i * kSize, s.param.v);
-      }
+// Elements [begin, end) of the block (end - begin a multiple of L::kWidth): every load, the update, every store,
+// for variant K. With int8 states the elements belong to seg's quantization block, and their new moments go to
+// seg instead of memory.
+template <class K, class L>
+void update_elements(const AdamBlock& block, const AdamCoeffs<typename L::F>& coeffs, const AdamFlags& flags_ref,
+                     int64_t begin, int64_t end, bool stream_param, Int8Segment* seg) {
+  // note: local copies: the vector stores may alias anything (__m128i_u), which would make the compiler reload
+  // every pointer and coefficient from memory after each store
+  const AdamBlock b = block;
+  const AdamCoeffs<typename L::F> c = coeffs;
+  const AdamFlags flags = flags_ref;
+  using F = typename L::F;
+  using I = typename L::I;
+  constexpr DType T = K::kDType;
+  constexpr bool kInt8 = K::kState == StateKind::Int8;
+  F scale_m{}, scale_v{};
+  I max_m{}, max_v{};
+  if constexpr (kInt8) {
+    scale_m = L::broadcast(seg->scale_m);
+    scale_v = L::broadcast(seg->scale_v);
+  }
+  // the element indices of the lanes, for stochastic rounding: a block never straddles a multiple of 2^32, so the
+  // high word is the block's and the low words count up
+  const uint64_t first = static_cast<uint64_t>(b.first_index + begin);
+  const uint32_t index_hi = static_cast<uint32_t>(first >> 32);
+  I index_lo = L::lane_index(static_cast<uint32_t>(first));
+  for (int64_t i = begin; i < end; i += L::kWidth, index_lo = index_lo + static_cast<uint32_t>(L::kWidth)) {
+    AdamSlots<F> s;
+    if constexpr (K::kMaster == MasterKind::Fp32) s.param = L::load_f32(b.master, i);
+    else if constexpr (K::kMaster == MasterKind::Remainder)
+      s.param = remainder_join(L::load_hi16(b.param, i), L::load_lo16s(b.remainder, i));
+    else s.param = load_value<T, L>(b.param, i);
+    s.grad = load_value<T, L>(b.grad, i);
+    if constexpr (kInt8) {
+      s.exp_avg = int8_decode(L::load_value_m(b.exp_avg, i), scale_m);
+      s.exp_avg_sq = int8_decode(L::load_value_v(b.exp_avg_sq, i), scale_v);
     } else {
-      avx2::store8<T>(param + i * kSize, s.param.v);
+      s.exp_avg = load_value<K::kStateDType, L>(b.exp_avg, i);
+      s.exp_avg_sq = load_value<K::kStateDType, L>(b.exp_avg_sq, i);
+      if constexpr (K::kAms) s.max_exp_avg_sq = load_value<K::kStateDType, L>(b.max_exp_avg_sq, i);
+    }
+
+    adam_update<K::kDec, K::kAms>(s, c, flags);
+
+    if constexpr (kInt8) {
+      L::stash(seg->m, i - seg->begin, s.exp_avg);
+      L::stash(seg->v, i - seg->begin, s.exp_avg_sq);
+      max_m = op_umax(max_m, int8_abs_bits(s.exp_avg));
+      max_v = op_umax(max_v, int8_abs_bits(s.exp_avg_sq));
+    }
+    // vmax is NaN only where v is (op_max's semantics), so w, m and v tell whether a lane needs the NaN case (with
+    // int8 states w alone: m and v go to the stash, and a NaN there makes its block take the exact encoder)
+    if constexpr (K::kBf16Stores && L::kWidth > 1) {
+      const bool nan = kInt8 ? L::any_nan(s.param) : L::any_nan(s.param, s.exp_avg, s.exp_avg_sq);
+      if (nan) [[unlikely]] store_outputs<K, L, true>(b, i, s, stream_param, index_lo, index_hi);
+      else store_outputs<K, L, false>(b, i, s, stream_param, index_lo, index_hi);
+    } else {
+      store_outputs<K, L, true>(b, i, s, stream_param, index_lo, index_hi);
     }
   }
-  if (stream_param) _mm_sfence();  // non-temporal stores are weakly ordered: publish them before returning
-  adam_scalar<T, kMaster, kAmsgrad, kDecoupled, kStochastic>(b, c, flags, i, b.n);
+  if constexpr (kInt8) {
+    seg->max_m = std::max(seg->max_m, L::hmax(max_m));
+    seg->max_v = std::max(seg->max_v, L::hmax(max_v));
+  }
+}
+
+// Codes of elements [begin, end) of a quantization block (indices from its start) from its stashed moments.
+template <class L, bool kExact>
+void encode_elements(const Int8Segment& seg, float inv_m, float inv_v, void* codes_m, void* codes_v, int64_t begin,
+                     int64_t end) {
+  const auto im = L::broadcast(inv_m), iv = L::broadcast(inv_v);
+  for (int64_t i = begin; i < end; i += L::kWidth) {
+    L::store_codes(codes_m, codes_v, i, int8_encode_m<kExact>(L::unstash(seg.m, i), im),
+                   int8_encode_v<kExact>(L::unstash(seg.v, i), iv));
+  }
+}
+
+// Elements [begin, end): L's width as far as it goes, then one at a time.
+template <class K, class L>
+void update_range(const AdamBlock& b, const AdamCoeffs<typename L::F>& cv, const AdamCoeffs<float>& c,
+                  const AdamFlags& flags, int64_t begin, int64_t end, bool stream_param, Int8Segment* seg) {
+  const int64_t split = begin + (end - begin) / L::kWidth * L::kWidth;
+  update_elements<K, L>(b, cv, flags, begin, split, stream_param, seg);
+  if constexpr (L::kWidth > 1) update_elements<K, ScalarLanes>(b, c, flags, split, end, false, seg);
+}
+
+// The same split as update_range's, so that each element is read back from the stash by the lanes that put it.
+template <class L, bool kExact>
+void encode_range(const Int8Segment& seg, float inv_m, float inv_v, void* codes_m, void* codes_v, int64_t n) {
+  const int64_t split = n / L::kWidth * L::kWidth;
+  encode_elements<L, kExact>(seg, inv_m, inv_v, codes_m, codes_v, 0, split);
+  if constexpr (L::kWidth > 1) encode_elements<ScalarLanes, kExact>(seg, inv_m, inv_v, codes_m, codes_v, split, n);
+}
+
+// The whole block. With int8 states it goes one quantization block at a time, each whole: decode with the stored
+// scales, update (params, masters, remainders written in the same loop), absmax of the new moments, encode.
+template <class K, class L>
+void adam_block_impl(const AdamBlock& b, const AdamCoeffs<float>& c, const AdamFlags& flags) {
+  const AdamCoeffs<typename L::F> cv = broadcast_coeffs<L>(c);
+  const bool stream_param = K::kWriteOnlyParam && L::kWidth > 1 && reinterpret_cast<uintptr_t>(b.param) % 16 == 0;
+  if constexpr (K::kState == StateKind::Int8) {
+    for (int64_t q = 0; q < b.n; q += kInt8Block) {
+      const int64_t n = std::min<int64_t>(kInt8Block, b.n - q);
+      alignas(32) float m[kInt8Block], v[kInt8Block];
+      const int64_t block = q / kInt8Block;
+      Int8Segment seg{q, b.exp_avg_scale[block], b.exp_avg_sq_scale[block], m, v, 0u, 0u};
+      update_range<K, L>(b, cv, c, flags, q, q + n, stream_param, &seg);
+      const float scale_m = int8_scale(seg.max_m), scale_v = int8_scale(seg.max_v);
+      const float inv_m = int8_inverse(scale_m), inv_v = int8_inverse(scale_v);
+      void* codes_m = static_cast<int8_t*>(b.exp_avg) + q;
+      void* codes_v = static_cast<uint8_t*>(b.exp_avg_sq) + q;
+      if (int8_finite(scale_m, inv_m) && int8_finite(scale_v, inv_v)) [[likely]] {
+        encode_range<L, false>(seg, inv_m, inv_v, codes_m, codes_v, n);
+      } else {
+        encode_range<L, true>(seg, inv_m, inv_v, codes_m, codes_v, n);
+      }
+      b.exp_avg_scale[block] = scale_m;
+      b.exp_avg_sq_scale[block] = scale_v;
+    }
+  } else {
+    update_range<K, L>(b, cv, c, flags, 0, b.n, stream_param, nullptr);
+  }
+  if (stream_param) L::fence();
+}
+
+// flatten inlines the generic math, the lanes and the vector operations into this avx2 function.
+template <class K>
+MIXPREC_AVX2 __attribute__((flatten)) void adam_avx2(const AdamBlock& b, const AdamCoeffs<float>& c,
+                                                      const AdamFlags& flags) {
+  adam_block_impl<K, std::conditional_t<K::kPairs, PairLanes, Avx2Lanes>>(b, c, flags);
+}
+
+template <class K>
+void adam_portable(const AdamBlock& b, const AdamCoeffs<float>& c, const AdamFlags& flags) {
+  adam_block_impl<K, ScalarLanes>(b, c, flags);
 }
 
 }  // namespace
 
 void adam_block(const AdamBlock& block, const AdamVariant& v, const AdamCoeffs<float>& coeffs, const AdamFlags& flags,
                 bool use_avx2) {
-  dispatch_adam_variant(v.dtype, v.master, v.amsgrad, v.decoupled, v.stochastic,
-                        [&](auto T, auto master, auto amsgrad, auto decoupled, auto stochastic) {
-                          if (use_avx2) {
-                            adam_avx2<T, master, amsgrad, decoupled, stochastic>(block, coeffs, flags);
-                          } else {
-                            adam_scalar<T, master, amsgrad, decoupled, stochastic>(block, coeffs, flags, 0, block.n);
-                          }
+  dispatch_adam_variant(v.dtype, v.master, v.state, v.amsgrad, v.decoupled, v.stochastic,
+                        [&](auto T, auto master, auto state, auto amsgrad, auto decoupled, auto stochastic) {
+                          using K = Kind<T, master, state, amsgrad, decoupled, stochastic>;
+                          if (use_avx2) adam_avx2<K>(block, coeffs, flags);
+                          else adam_portable<K>(block, coeffs, flags);
                         });
 }
 

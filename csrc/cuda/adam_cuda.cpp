@@ -17,17 +17,20 @@ const float* ptr_or_null(const std::optional<at::Tensor>& t) { return t ? t->dat
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList steps, at::TensorList max_exp_avg_sqs, at::TensorList master_params,
+                    at::TensorList param_remainders, at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
                     const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                     bool maximize, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
                     int64_t sr_seed) {
   if (params.empty()) return;
   const at::Device device = params[0].device();
-  const AdamArgs args = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs, master_params, lr,
-                                        beta1, beta2, eps, grad_scale, found_inf, clip_coef, sr_seed, device);
+  const AdamArgs args =
+      check_adam_args(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs, master_params, param_remainders,
+                      exp_avg_scales, exp_avg_sq_scales, lr, beta1, beta2, eps, grad_scale, found_inf, clip_coef,
+                      sr_seed, device);
   // One group per dtype, one launch each; the lists hold addresses (unused lists stay empty).
   struct Group {
-    std::vector<void*> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps;
+    std::vector<void*> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, scales_m, scales_v, steps;
     std::vector<int64_t> numels;
     std::vector<int32_t> index;
   };
@@ -42,7 +45,12 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     g.exp_avgs.push_back(exp_avgs[t].data_ptr());
     g.exp_avg_sqs.push_back(exp_avg_sqs[t].data_ptr());
     if (args.amsgrad) g.max_exp_avg_sqs.push_back(max_exp_avg_sqs[t].data_ptr());
-    if (args.master) g.masters.push_back(master_params[t].data_ptr());
+    if (args.master == MasterKind::Fp32) g.masters.push_back(master_params[t].data_ptr());
+    if (args.master == MasterKind::Remainder) g.masters.push_back(param_remainders[t].data_ptr());
+    if (args.state == StateKind::Int8) {
+      g.scales_m.push_back(exp_avg_scales[t].data_ptr());
+      g.scales_v.push_back(exp_avg_sq_scales[t].data_ptr());
+    }
     g.steps.push_back(steps[t].data_ptr());
     g.numels.push_back(params[t].numel());
     g.index.push_back(static_cast<int32_t>(t));
@@ -55,11 +63,21 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     const Group& g = groups[d];
     if (g.params.empty()) continue;
     const DType dtype = static_cast<DType>(d);
-    const cuda::AdamGroup group{static_cast<int64_t>(g.params.size()), g.params.data(), g.grads.data(),
-                                g.exp_avgs.data(), g.exp_avg_sqs.data(), g.max_exp_avg_sqs.data(), g.masters.data(),
-                                g.steps.data(), g.numels.data(), g.index.data()};
+    const cuda::AdamGroup group{static_cast<int64_t>(g.params.size()),
+                                g.params.data(),
+                                g.grads.data(),
+                                g.exp_avgs.data(),
+                                g.exp_avg_sqs.data(),
+                                g.max_exp_avg_sqs.data(),
+                                g.masters.data(),
+                                g.scales_m.data(),
+                                g.scales_v.data(),
+                                g.steps.data(),
+                                g.numels.data(),
+                                g.index.data()};
     const cuda::AdamLaunch cfg{dtype,
                                args.master,
+                               args.state,
                                args.amsgrad,
                                decoupled,
                                args.stochastic && dtype == DType::BFloat16,

@@ -15,18 +15,22 @@ struct AdamGroup {
   int64_t n_tensors;
   void* const* params;
   void* const* grads;
-  void* const* exp_avgs;
-  void* const* exp_avg_sqs;
-  void* const* max_exp_avg_sqs;  // amsgrad only
-  void* const* masters;          // master only
-  void* const* steps;            // one fp32 each: the updates done so far
+  void* const* exp_avgs;            // fp32, bf16, or int8 codes (by the launch's state kind)
+  void* const* exp_avg_sqs;         // fp32, bf16, or uint8 codes
+  void* const* max_exp_avg_sqs;     // amsgrad only
+  void* const* masters;             // MasterKind::Fp32: fp32 masters; MasterKind::Remainder: int16 remainders
+  void* const* exp_avg_scales;      // StateKind::Int8 only: fp32, one per kInt8Block elements
+  void* const* exp_avg_sq_scales;   // StateKind::Int8 only
+  void* const* steps;               // one fp32 each: the updates done so far
   const int64_t* numels;
   const int32_t* list_index;
 };
 
 struct AdamLaunch {
   DType dtype;
-  bool master, amsgrad, decoupled, stochastic;
+  MasterKind master;
+  StateKind state;
+  bool amsgrad, decoupled, stochastic;
   uint32_t seed;
   AdamHyper hyper;
   AdamFlags flags;

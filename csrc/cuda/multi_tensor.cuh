@@ -22,6 +22,7 @@ template <> struct ListCapacity<4> { static constexpr int tensors = 36, blocks =
 template <> struct ListCapacity<5> { static constexpr int tensors = 30, blocks = 320; };
 template <> struct ListCapacity<6> { static constexpr int tensors = 24, blocks = 320; };
 template <> struct ListCapacity<7> { static constexpr int tensors = 20, blocks = 320; };  // adam: 6 buffers + step
+template <> struct ListCapacity<8> { static constexpr int tensors = 20, blocks = 320; };  // adam int8: 7 + step
 
 template <int Depth>
 struct TensorListMeta {
@@ -34,7 +35,7 @@ struct TensorListMeta {
   int32_t block_chunk[kMaxBlocks];    // which chunk of that tensor
   int64_t first_block;                // global index of this launch's first block (for per-block outputs)
 };
-static_assert(sizeof(TensorListMeta<1>) <= 4096 && sizeof(TensorListMeta<6>) <= 4096, "kernel args too large");
+static_assert(sizeof(TensorListMeta<1>) <= 4096 && sizeof(TensorListMeta<8>) <= 4096, "kernel args too large");
 
 // Calls launch(meta, n_blocks) as often as needed to cover every chunk of every tensor.
 // addrs[d][t]: address of list d's tensor t; tensors of size 0 are skipped. Blocks are numbered globally

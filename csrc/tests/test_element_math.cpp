@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <random>
 
+#include "../cpu/simd_avx2.h"
+#include "mixprec/adam_math.h"
 #include "mixprec/rounding.h"
 #include "mixprec/unscale_math.h"
 
@@ -28,6 +30,218 @@ void check_round(float f) {
   check(nan ? std::isnan(mixprec::half_to_float(h)) : h == h_ref, "float_to_half_rne", in, h, h_ref);
   const uint16_t b = mixprec::float_to_bf16_rne(f), b_ref = c10::BFloat16(f).x;
   check(nan ? std::isnan(mixprec::bf16_to_float(b)) : b == b_ref, "float_to_bf16_rne", in, b, b_ref);
+}
+
+// ---- adam_step_'s loads and stores (issue #12): remainder masters, int8 codes, stochastic rounding ----
+
+// Store then load of a remainder master gives the fp32 bits back; the param is the master rounded to nearest even
+// except at exact ties, where it is the larger magnitude; a NaN stores a quiet NaN (sign, top bits) and 0.
+void check_remainder(uint32_t u) {
+  const float w = mixprec::bits_float(u);
+  const auto split = mixprec::remainder_split(w);
+  const uint32_t param_hi16 = split.param & 0xffff0000u;
+  const uint32_t rem = static_cast<uint32_t>(static_cast<int32_t>(static_cast<int16_t>(split.remainder)));
+  const uint32_t back = mixprec::float_bits(mixprec::remainder_join(param_hi16, rem));
+  const uint16_t param = static_cast<uint16_t>(split.param >> 16);
+  if (std::isnan(w)) {
+    check(param == static_cast<uint16_t>((u >> 16) | 0x40u) && (split.remainder & 0xffffu) == 0, "remainder_split NaN",
+          u, param, (u >> 16) | 0x40u);
+    return;
+  }
+  check(back == u, "remainder join(split(u)) == u", u, back, u);
+  const uint16_t rne = c10::BFloat16(w).x;
+  const bool tie = (u & 0xffffu) == 0x8000u;
+  const uint16_t want = tie ? static_cast<uint16_t>((u >> 16) + 1u) : rne;  // ties away from zero
+  check(param == want, "remainder_split param", u, param, want);
+  // the fast (NaN-free) store is the same formula
+  const auto fast = mixprec::remainder_split<false>(w);
+  check(fast.param >> 16 == split.param >> 16 && (fast.remainder & 0xffffu) == (split.remainder & 0xffffu),
+        "remainder_split<false>", u, fast.param >> 16, split.param >> 16);
+}
+
+// The spec's value map: value(0) = 0, value(k) = float_from_bits((k + bias) << 20).
+float int8_value(uint32_t k, uint32_t bias) { return k == 0 ? 0.f : mixprec::bits_float((k + bias) << 20); }
+
+// The code the spec's closed form must give, found by search: the nearest value(k) to x in [0, 1]; between 0
+// and value(1) ties go up, elsewhere an exact tie between neighbours takes the one whose r = k + bias is even
+// (round half to even on the bit pattern).
+uint32_t int8_nearest(float x, uint32_t bias, uint32_t kmax) {
+  if (std::isnan(x)) return kmax;
+  uint32_t best = 0;
+  for (uint32_t k = 1; k <= kmax; ++k) {
+    const double d = std::fabs(static_cast<double>(x) - int8_value(k, bias));
+    const double db = std::fabs(static_cast<double>(x) - int8_value(best, bias));
+    if (d < db || (d == db && (best == 0 || (k + bias) % 2 == 0))) best = k;
+  }
+  return best;
+}
+
+void check_int8_codes(std::mt19937& rng) {
+  using mixprec::kInt8BiasM;
+  using mixprec::kInt8BiasV;
+  // decode: every code, through the bf16-valued form the kernels use
+  for (uint32_t c = 0; c < 256; ++c) {
+    const int32_t sc = static_cast<int8_t>(c);
+    const float vm = mixprec::bits_float(mixprec::int8_value_hi16_m(static_cast<uint32_t>(sc)) << 16);
+    const float want_m = (sc < 0 ? -1.f : 1.f) * int8_value(static_cast<uint32_t>(std::abs(sc)), kInt8BiasM);
+    check(mixprec::float_bits(vm) == mixprec::float_bits(want_m) || (sc == 0 && vm == 0.f), "int8 value m", c,
+          mixprec::float_bits(vm), mixprec::float_bits(want_m));
+    const float vv = mixprec::bits_float(mixprec::int8_value_hi16_v(c) << 16);
+    check(mixprec::float_bits(vv) == mixprec::float_bits(int8_value(c, kInt8BiasV)), "int8 value v", c,
+          mixprec::float_bits(vv), mixprec::float_bits(int8_value(c, kInt8BiasV)));
+  }
+  check(int8_value(127, kInt8BiasM) == 1.f && int8_value(255, kInt8BiasV) == 1.f, "int8 value(kmax) == 1", 0, 0, 0);
+  check(mixprec::int8_half_value1(kInt8BiasM) == 0.5f * int8_value(1, kInt8BiasM) &&
+            mixprec::int8_half_value1(kInt8BiasV) == 0.5f * int8_value(1, kInt8BiasV),
+        "int8_half_value1", 0, 0, 0);
+  // encode: the closed form against the search, on every code value, the midpoints between neighbours and one
+  // fp32 ulp either side, and random x in [0, 1]; exact and fast (finite block) forms alike
+  auto check_x = [](float x) {
+    for (int moment = 0; moment < 2; ++moment) {
+      const uint32_t bias = moment == 0 ? kInt8BiasM : kInt8BiasV, kmax = moment == 0 ? 127u : 255u;
+      const uint32_t want = int8_nearest(x, bias, kmax);
+      const float inv = 1.f;  // x is |value| / scale already
+      const uint32_t exact = moment == 0 ? mixprec::int8_encode_m(x, inv) : mixprec::int8_encode_v(x, inv);
+      check(exact == want, moment == 0 ? "int8_encode_m" : "int8_encode_v", mixprec::float_bits(x), exact, want);
+      if (x <= 1.f + 0x1p-23f) {
+        const uint32_t fast = moment == 0 ? mixprec::int8_encode_m<false>(x, inv) : mixprec::int8_encode_v<false>(x, inv);
+        check(fast == want, "int8_encode<false>", mixprec::float_bits(x), fast, want);
+      }
+      if (moment == 0) {  // m's sign: -k for x < 0, and -0.0 gives 0
+        const uint32_t neg = mixprec::int8_encode_m(-x, inv), neg_fast = mixprec::int8_encode_m<false>(-x, inv);
+        check(neg == 0u - want && neg_fast == 0u - want, "int8_encode_m sign", mixprec::float_bits(-x), neg, 0u - want);
+      }
+    }
+  };
+  for (uint32_t k = 0; k <= 255; ++k) {
+    for (const uint32_t bias : {kInt8BiasM, kInt8BiasV}) {
+      if (bias == kInt8BiasM && k > 127) continue;
+      const float a = int8_value(k, bias), b = int8_value(k + 1, bias);
+      check_x(a);
+      if ((bias == kInt8BiasM && k == 127) || k == 255) continue;
+      const float mid = static_cast<float>((static_cast<double>(a) + b) / 2);
+      check_x(mid);
+      check_x(std::nextafter(mid, 0.f));
+      check_x(std::nextafter(mid, 2.f));
+    }
+  }
+  std::uniform_real_distribution<float> unit(0.f, 1.f);
+  for (int i = 0; i < 20000; ++i) {
+    check_x(unit(rng));
+    check_x(std::ldexp(unit(rng), -static_cast<int>(rng() % 40)));  // the small codes, down past value(1)
+  }
+  check_x(1.f + 0x1p-23f);
+  check_x(0.f);
+  // non-finite x (from a NaN or inf in the block): the largest code
+  check(mixprec::int8_encode_m(NAN, 1.f) == 127u && mixprec::int8_encode_v(NAN, 1.f) == 255u &&
+            mixprec::int8_encode_v(INFINITY, 1.f) == 255u,
+        "int8 encode NaN/inf", 0, 0, 0);
+  // block scale and inverse: the absmax, a canonical NaN, 1 / scale or 0
+  check(mixprec::float_bits(mixprec::int8_scale(0x7f800001u)) == 0x7fc00000u && mixprec::int8_scale(0x3f800000u) == 1.f,
+        "int8_scale", 0, 0, 0);
+  check(mixprec::int8_inverse(0.f) == 0.f && mixprec::int8_inverse(4.f) == 0.25f, "int8_inverse", 0, 0, 0);
+  check(!mixprec::int8_finite(INFINITY, 0.f) && !mixprec::int8_finite(1e-40f, mixprec::int8_inverse(1e-40f)) &&
+            mixprec::int8_finite(0.f, 0.f),
+        "int8_finite", 0, 0, 0);
+}
+
+using mixprec::avx2::Pair;
+using mixprec::avx2::Vec16w;
+using mixprec::avx2::Vec8;
+using mixprec::avx2::Vec8i;
+MIXPREC_AVX2 Vec8i load(const uint32_t* p) { return {_mm256_load_si256(reinterpret_cast<const __m256i*>(p))}; }
+MIXPREC_AVX2 void store(uint32_t* p, Vec8i v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v.v); }
+MIXPREC_AVX2 Vec8 loadf(const uint32_t* p) { return {_mm256_castsi256_ps(load(p).v)}; }
+
+// The AVX2 lanes against the scalar functions: the same element math on 8 lanes (Vec8/Vec8i), 16 as even/odd
+// pairs, and 16-bit lanes (the int8 decode). flatten, as in the CPU kernel: the generic templates must be
+// inlined into the avx2 function (out of line, compiled for the baseline ABI, they would pass the 32-byte vectors
+// differently from the avx2 functions they call).
+MIXPREC_AVX2 __attribute__((flatten)) void check_avx2_lanes(std::mt19937& rng) {
+  alignas(32) uint32_t in[16], out[16], out2[16], r16[8];
+  const uint32_t key = mixprec::sr_key(1234u, 7u, 3u);
+  // the bits themselves, from mixprec.reference's _hash32 (seed 1234, stream 7, step 3)
+  check(key == 0x4efedfafu, "sr_key", 0, key, 0x4efedfafu);
+  const std::pair<uint64_t, uint32_t> golden[] = {{0, 0xaed9u}, {1, 0x886bu}, {12345, 0xfd8bu}, {(5ull << 32) + 99, 0xc118u}};
+  for (const auto& [index, bits] : golden) {
+    check(mixprec::sr_bits(key, index) == bits, "sr_bits", static_cast<uint32_t>(index), mixprec::sr_bits(key, index), bits);
+  }
+  for (int iter = 0; iter < 200000; ++iter) {
+    // hash: 8 and 16 consecutive indices from a random start (the kernels' SR bits) and random words
+    const uint32_t lo = rng(), hi = rng() % 4;
+    const Vec8i lanes{_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))};
+    store(out, mixprec::sr_bits(key, lanes, hi));
+    const Pair<Vec8i> pair{lanes, lanes + 8u};
+    const Pair<Vec8i> pair_bits = mixprec::sr_bits(key, pair, hi);
+    store(out2, pair_bits.e);
+    store(out2 + 8, pair_bits.o);
+    for (int k = 0; k < 8; ++k) {
+      const uint32_t want = mixprec::sr_bits(key, lo + k, hi), want2 = mixprec::sr_bits(key, lo + k + 8, hi);
+      check(out[k] == want && out2[k] == want && out2[8 + k] == want2, "sr_bits on 8/16 lanes", lo + k, out[k], want);
+    }
+    // bit-pattern stores and the int8 encode on random fp32 patterns (NaN, inf, subnormal included)
+    for (int k = 0; k < 16; ++k) in[k] = rng();
+    if (iter % 2) {  // half the time: values in [0, 1] and their negatives, where the codes are not all 0 / kmax
+      for (int k = 0; k < 16; ++k) in[k] = mixprec::float_bits(std::ldexp(std::uniform_real_distribution<float>(-1.f, 1.f)(rng), -static_cast<int>(rng() % 24)));
+    }
+    const Vec8 x = loadf(in);
+    const Pair<Vec8> xp{loadf(in), loadf(in + 8)};
+    for (int k = 0; k < 8; ++k) r16[k] = in[8 + k] & 0xffffu;
+    const auto sp = mixprec::remainder_split(x);
+    const auto spp = mixprec::remainder_split(xp);
+    const Vec8i rne = mixprec::bf16_rne_bits(x), sr = mixprec::bf16_sr_bits(x, load(r16));
+    const Vec8i em = mixprec::int8_encode_m(x, mixprec::avx2::broadcast8(1.f));
+    const Vec8i ev = mixprec::int8_encode_v(x, mixprec::avx2::broadcast8(1.f));
+    const Pair<Vec8i> emp = mixprec::int8_encode_m(xp, Pair<Vec8>{mixprec::avx2::broadcast8(1.f), mixprec::avx2::broadcast8(1.f)});
+    alignas(32) uint32_t got[9][8];
+    store(got[0], sp.param);
+    store(got[1], sp.remainder);
+    store(got[2], rne);
+    store(got[3], sr);
+    store(got[4], em);
+    store(got[5], ev);
+    store(got[6], emp.o);
+    store(got[7], spp.param.o);
+    store(got[8], mixprec::avx2::op_isign(Vec8i{em.v}, load(in)));
+    for (int k = 0; k < 8; ++k) {
+      const float f = mixprec::bits_float(in[k]), f8 = mixprec::bits_float(in[8 + k]);
+      const auto ss = mixprec::remainder_split(f);
+      check(got[0][k] == ss.param && got[1][k] == ss.remainder, "remainder_split on 8 lanes", in[k], got[0][k], ss.param);
+      check(got[7][k] == mixprec::remainder_split(f8).param, "remainder_split on pairs", in[8 + k], got[7][k], 0);
+      check(got[2][k] == mixprec::bf16_rne_bits(f), "bf16_rne_bits on 8 lanes", in[k], got[2][k], mixprec::bf16_rne_bits(f));
+      check(got[3][k] == mixprec::bf16_sr_bits(f, r16[k]), "bf16_sr_bits on 8 lanes", in[k], got[3][k], 0);
+      check(got[4][k] == mixprec::int8_encode_m(f, 1.f), "int8_encode_m on 8 lanes", in[k], got[4][k],
+            mixprec::int8_encode_m(f, 1.f));
+      check(got[5][k] == mixprec::int8_encode_v(f, 1.f), "int8_encode_v on 8 lanes", in[k], got[5][k],
+            mixprec::int8_encode_v(f, 1.f));
+      check(got[6][k] == mixprec::int8_encode_m(f8, 1.f), "int8_encode_m on pairs", in[8 + k], got[6][k], 0);
+      check(got[8][k] == mixprec::op_isign(got[4][k], in[k]), "op_isign on 8 lanes", in[k], got[8][k], 0);
+    }
+  }
+  // int8 decode on 8 32-bit lanes and 16 16-bit lanes: every code
+  for (uint32_t c0 = 0; c0 < 256; c0 += 16) {
+    alignas(32) int16_t codes16[16], hi16[16];
+    alignas(32) uint32_t got8[8];
+    for (int k = 0; k < 16; ++k) codes16[k] = static_cast<int8_t>(c0 + k);
+    const Vec16w w{_mm256_load_si256(reinterpret_cast<const __m256i*>(codes16))};
+    _mm256_store_si256(reinterpret_cast<__m256i*>(hi16), mixprec::int8_value_hi16_m(w).v);
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t want = mixprec::int8_value_hi16_m(static_cast<uint32_t>(static_cast<int32_t>(codes16[k])));
+      check(static_cast<uint16_t>(hi16[k]) == want, "int8_value_hi16_m on 16-bit lanes", c0 + k, static_cast<uint16_t>(hi16[k]), want);
+    }
+    for (int k = 0; k < 16; ++k) codes16[k] = static_cast<int16_t>(c0 + k);  // v codes: 0..255
+    _mm256_store_si256(reinterpret_cast<__m256i*>(hi16),
+                       mixprec::int8_value_hi16_v(Vec16w{_mm256_load_si256(reinterpret_cast<const __m256i*>(codes16))}).v);
+    const Vec8i c8{_mm256_setr_epi32(static_cast<int>(c0), static_cast<int>(c0 + 1), static_cast<int>(c0 + 2),
+                                     static_cast<int>(c0 + 3), static_cast<int>(c0 + 4), static_cast<int>(c0 + 5),
+                                     static_cast<int>(c0 + 6), static_cast<int>(c0 + 7))};
+    store(got8, mixprec::int8_value_hi16_v(c8));
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t want = mixprec::int8_value_hi16_v(c0 + k);
+      check(static_cast<uint16_t>(hi16[k]) == want && (k >= 8 || got8[k] == want), "int8_value_hi16_v on lanes",
+            c0 + k, static_cast<uint16_t>(hi16[k]), want);
+    }
+  }
 }
 
 }  // namespace
@@ -74,6 +288,19 @@ int main() {
     const float got = mixprec::unscale_value(g, inv), want = g * inv;
     check(std::isnan(want) ? std::isnan(got) : got == want, "unscale_value", mixprec::float_bits(g), 0, 0);
     check(mixprec::is_nonfinite(g) == !std::isfinite(g), "is_nonfinite", mixprec::float_bits(g), 0, 0);
+  }
+
+  // adam_step_'s bit-pattern loads and stores
+  for (uint64_t u = 0; u < (1ull << 32); u += 0x10001ull) check_remainder(static_cast<uint32_t>(u));  // 65536 strides
+  for (uint32_t lo : {0x0000u, 0x0001u, 0x7fffu, 0x8000u, 0x8001u, 0xffffu}) {  // every top half, the edge low halves
+    for (uint32_t hi = 0; hi < 65536; ++hi) check_remainder((hi << 16) | lo);
+  }
+  for (int i = 0; i < 4'000'000; ++i) check_remainder(rng());
+  check_int8_codes(rng);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    check_avx2_lanes(rng);
+  } else {
+    std::printf("no AVX2 here: the 8/16-lane checks are skipped\n");
   }
 
   if (failures) {

@@ -35,13 +35,53 @@ MIXPREC_HD float bits_float(uint32_t u) {
 
 MIXPREC_HD float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
-// bf16 is the top half of an fp32: add half an ulp (minus one when the kept lsb is even) and truncate.
-MIXPREC_HD uint16_t float_to_bf16_rne(float f) {
-  uint32_t u = float_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // quiet NaN, sign kept
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+// ---- bit-pattern lanes ----
+//
+// Conversions and encodings on fp32 bit patterns, written once over F (float, or a vector of floats) and its
+// integer lanes I (uint32_t, or a vector of 32-bit lanes): these are the scalar operations; the AVX2 kernels
+// overload each of them, and the integer operators, for their vector types (csrc/cpu/simd_avx2.h). Integer lanes
+// wrap modulo 2^32 and shift logically, as uint32_t does; "i" operations read them as signed; a mask is all
+// ones (true) or zero per lane.
+MIXPREC_HD uint32_t op_bits(float f) { return float_bits(f); }
+MIXPREC_HD float op_from_bits(uint32_t u) { return bits_float(u); }
+MIXPREC_HD uint32_t op_mask(bool b) { return b ? 0xffffffffu : 0u; }
+MIXPREC_HD uint32_t op_isnan(float a) { return op_mask((float_bits(a) & 0x7fffffffu) > 0x7f800000u); }
+MIXPREC_HD uint32_t op_lt(float a, float b) { return op_mask(a < b); }   // false when either is NaN
+MIXPREC_HD uint32_t op_ge(float a, float b) { return op_mask(a >= b); }  // false when either is NaN
+MIXPREC_HD float op_abs(float a) { return bits_float(float_bits(a) & 0x7fffffffu); }
+MIXPREC_HD uint32_t op_eqz(uint32_t a) { return op_mask(a == 0u); }
+MIXPREC_HD uint32_t op_select(uint32_t mask, uint32_t a, uint32_t b) { return mask ? a : b; }
+MIXPREC_HD uint32_t op_andnot(uint32_t mask, uint32_t a) { return a & ~mask; }  // a where mask is false, else 0
+MIXPREC_HD uint32_t op_iabs(uint32_t a) {
+  const int32_t s = static_cast<int32_t>(a);
+  return static_cast<uint32_t>(s < 0 ? -s : s);
 }
+MIXPREC_HD uint32_t op_imax(uint32_t a, uint32_t b) {
+  return static_cast<int32_t>(a) > static_cast<int32_t>(b) ? a : b;
+}
+MIXPREC_HD uint32_t op_imin(uint32_t a, int32_t b) {
+  return static_cast<int32_t>(a) < b ? a : static_cast<uint32_t>(b);
+}
+MIXPREC_HD uint32_t op_umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
+MIXPREC_HD uint32_t op_sra(uint32_t a, int n) { return static_cast<uint32_t>(static_cast<int32_t>(a) >> n); }
+// a with the sign of b, as x86's psignd: -a where b < 0, 0 where b == 0, else a
+MIXPREC_HD uint32_t op_isign(uint32_t a, uint32_t b) {
+  const int32_t sb = static_cast<int32_t>(b);
+  return sb < 0 ? 0u - a : sb == 0 ? 0u : a;
+}
+
+// The fp32 bits of f rounded to nearest even at bit 16, so that bf16(f) is the high half: add half an ulp (minus
+// one when the kept lsb is even; inf stays inf, the largest floats round up to it). NaN: a quiet NaN with f's
+// sign and top bits. kMayBeNaN = false: the caller knows f is not a NaN (an AVX2 fast path).
+template <bool kMayBeNaN = true, class F>
+MIXPREC_HD auto bf16_rne_bits(F f) {
+  const auto u = op_bits(f);
+  const auto rounded = u + 0x7fffu + ((u >> 16) & 1u);
+  if constexpr (kMayBeNaN) return op_select(op_isnan(f), u | 0x00400000u, rounded);
+  else return rounded;
+}
+
+MIXPREC_HD uint16_t float_to_bf16_rne(float f) { return static_cast<uint16_t>(bf16_rne_bits(f) >> 16); }
 
 MIXPREC_HD float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
