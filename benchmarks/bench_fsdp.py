@@ -13,8 +13,8 @@ started on both ranks at once (one core each) and counted as its slower rank too
   the DTensor grads followed by the fused step;
 - bf16 shards with fp32 masters (the model cast before fully_shard: half the all-gather bytes): FusedAdamW, 28 B
   per param moved, against torch's fused AdamW on fp32 shards (the same bytes: torch's own way to this job);
-- bf16 shards with remainder masters and int8 moments (issue #12's smallest mode with exact masters), when the built
-  extension runs it (skipped with a note otherwise): its own bytes moved (step_traffic), same peer.
+- bf16 shards with remainder masters and int8 moments (issue #12's smallest mode with exact masters): its own
+  bytes moved (step_traffic), same peer.
 GB/s: the 28 bytes per param of this rank's shard over the median time; the ceiling is mixprec's streaming kernel
 with Adam's arrays at the shard's size, timed in the same rounds (benchmarks/ceiling.py). The notes give the
 bytes each rank holds per param of the model (its params and optimizer state; not the grads, which FSDP2 frees
@@ -103,7 +103,6 @@ def _worker(rank: int, init_file: str, out: str, quick: bool) -> None:
     from mixprec.benchmarks.bench_adam import adam_stream_layout, gpt2_shapes
     from mixprec.benchmarks.ceiling import cpu_stream, gbps
     from mixprec.optim import FusedAdamW, step_traffic
-    from mixprec.testing import backend_runs
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -120,10 +119,8 @@ def _worker(rank: int, init_file: str, out: str, quick: bool) -> None:
                 "clip": FusedAdamW(clip32, lr=1e-3, max_grad_norm=1.0),
                 "torch clip": torch.optim.AdamW(torch_clip32, lr=1e-3, fused=True),
                 "bf16": FusedAdamW(ours16, lr=1e-3)}
-        small = backend_runs("cpu", "bf16-remainder", "int8")
-        if small:
-            ours_small = _shards(shapes, mesh, torch.bfloat16)
-            opts["bf16 small"] = FusedAdamW(ours_small, lr=1e-3, master_weights="remainder", state_dtype="int8")
+        ours_small = _shards(shapes, mesh, torch.bfloat16)
+        opts["bf16 small"] = FusedAdamW(ours_small, lr=1e-3, master_weights="remainder", state_dtype="int8")
 
         def torch_clipped(i):
             torch.nn.utils.clip_grad_norm_(torch_clip32, 1.0)
@@ -135,7 +132,7 @@ def _worker(rank: int, init_file: str, out: str, quick: bool) -> None:
         timings = _measure_in_step(contenders, repeats)
         held = {name: _held_bytes(params, opts[name]) / n for name, params in
                 (("fp32", ours32), ("torch fp32", torch32), ("bf16", ours16),
-                 *((("bf16 small", ours_small),) if small else ()))}
+                 ("bf16 small", ours_small))}
         if rank == 0:
             work = BYTES_PER_PARAM * local_n
             ceiling = gbps(work, timings["ceiling"])
@@ -153,13 +150,10 @@ def _worker(rank: int, init_file: str, out: str, quick: bool) -> None:
                     notes="FusedAdamW(max_grad_norm=1.0): global norm from one pass + one all-reduce", **common),
                 row(dtype="bfloat16 shards + fp32 masters", timing=timings["bf16"],
                     peers={f"{TORCH} (fp32 shards)": timings["torch fp32"]},
-                    notes="FusedAdamW.step(): bf16 params, fp32 masters per shard, 28 B per param"
-                          + ("" if small else "; remainder + int8 row skipped: the built extension lacks issue "
-                             "#12's modes"), **common),
+                    notes="FusedAdamW.step(): bf16 params, fp32 masters per shard, 28 B per param", **common),
             ]
-            if small:
-                moved = step_traffic(opts["bf16 small"])
-                rows.append(row(dtype="bfloat16 shards, remainder masters + int8 moments", timing=timings["bf16 small"],
+            moved = step_traffic(opts["bf16 small"])
+            rows.append(row(dtype="bfloat16 shards, remainder masters + int8 moments", timing=timings["bf16 small"],
                                 peers={f"{TORCH} (fp32 shards)": timings["torch fp32"]},
                                 notes=f"{moved / local_n:.2f} B per param moved; held per rank per param of the model: "
                                       f"{held['bf16 small']:.2f} B", **{**common, "work": moved}))

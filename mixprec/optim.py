@@ -764,11 +764,11 @@ class FusedAdam(torch.optim.Optimizer):
             group["params"] = live["params"]
             if "param_names" in live and "param_names" not in group:
                 group["param_names"] = live["param_names"]
-            self._check_options(group, f"loaded param_groups[{len(groups)}]: ")
             if group["amsgrad"] and group["state_dtype"] == "int8":
                 raise ValueError(f"param_groups[{len(groups)}]: the loaded state dict has amsgrad=True, which is not "
                                  "supported with this optimizer's state_dtype='int8' (use torch.bfloat16 or "
                                  "torch.float32 states)")
+            self._check_options(group, f"loaded param_groups[{len(groups)}]: ")
             groups.append(group)
         saved_state = state_dict["state"]
         state: defaultdict = defaultdict(dict)

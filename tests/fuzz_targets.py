@@ -1411,10 +1411,6 @@ def build_adam_step(case) -> Call:
             invalid.append("backend 'bogus'")
     if case["mutations"]:
         names += [m["list"] for m in case["mutations"]] + [m["other"] for m in case["mutations"] if m["op"] == "alias"]
-    if (not invalid and backend in ("cpu", "auto") and n
-            and not _testing.backend_runs("cpu", case["variant"], case["state"])):
-        unsure.append("issue #12 modes need the rebuilt extension")
-        names.append("backend")
     if invalid:
         unsure = []
     watched = [(f"{key}[{i}]", t) for key in ADAM_LISTS if isinstance(lists[key], (list, tuple))

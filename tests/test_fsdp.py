@@ -43,7 +43,6 @@ from torch import nn
 import mixprec
 from mixprec import _grad_norm, distributed, precision
 from mixprec.optim import FusedAdamW
-from mixprec.testing import backend_runs
 
 WORLD = 2
 STEPS = 4
@@ -57,8 +56,7 @@ SETUPS = {"fp32_policy_bf16": ("fp32", torch.bfloat16), "bf16_params": ("half", 
           "fp16_params": ("half", torch.float16)}
 # issue #12's modes, on the bf16_params setup, with the kernels that run them here (the extension's CPU kernel once
 # its build has them; the reference until then)
-_EXT_MODES = backend_runs("cpu", "bf16-remainder", "int8")
-MODES = {name: {**kwargs, "backend": "cpu" if _EXT_MODES else "reference"} for name, kwargs in (
+MODES = {name: {**kwargs, "backend": "cpu"} for name, kwargs in (
     ("remainder_bf16", {"master_weights": "remainder", "state_dtype": torch.bfloat16}),
     ("remainder_int8", {"master_weights": "remainder", "state_dtype": "int8"}),
     ("masters_int8", {"state_dtype": "int8"}))}
