@@ -94,7 +94,8 @@ def _cpu(quick: bool) -> list[dict]:
     # the kernel alone: the op on prebuilt lists, without the optimizer's bookkeeping
     args = ([p.detach() for p in params], [p.grad for p in params], [s["exp_avg"] for s in st],
             [s["exp_avg_sq"] for s in st], [s["step"] for s in st])
-    kwargs = dict(max_exp_avg_sqs=[], master_params=[s["master_param"] for s in st], lr=torch.tensor([1e-3]),
+    kwargs = dict(max_exp_avg_sqs=[], master_params=[s["master_param"] for s in st], param_remainders=[],
+                  exp_avg_scales=[], exp_avg_sq_scales=[], lr=torch.tensor([1e-3]),
                   beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True, grad_scale=opt.grad_scale,
                   found_inf=opt.found_inf)
 

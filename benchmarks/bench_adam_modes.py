@@ -20,7 +20,7 @@ Ceiling: for each mode, mixprec's streaming kernel (benchmarks/ceiling.py) over 
 in-place pattern as that mode's step (step_traffic(opt, per_array=True): grad read, master, moments and scales read
 and written in place, the param written or updated in place), at the same size, timed in the same rounds.
 
-A mode the built extension does not have yet (issue #12's C++ lands separately) is skipped with a note. The layer
+The layer
 list is GPT-2's (768 wide, 4 blocks, 28.3M params): far out of any cache, so every step streams from memory.
 """
 from __future__ import annotations
@@ -111,11 +111,7 @@ def _cpu(quick: bool) -> list[dict]:
     optimizers, contenders = {}, {}
     for name, kwargs in MODES.items():
         opt = FusedAdamW(make_params(), lr=1e-3, backend="cpu", **kwargs)
-        try:
-            opt.step()  # creates the state
-        except NotImplementedError as exc:  # an extension built before issue #12's C++
-            notes.append(f"{name} skipped ({str(exc)[:90]})")
-            continue
+        opt.step()  # creates the state
         optimizers[name] = opt
         contenders[name] = lambda i, opt=opt: opt.step()
         contenders[f"ceiling: {name}"] = cpu_stream(*_read_write(opt), arrays=step_traffic(opt, per_array=True))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from mixprec.ops import unscale_and_check_
+from mixprec import distributed
 
 _ATTR = "_mixprec_grad_norm_sq"
 
@@ -37,14 +37,15 @@ def withdraw(optimizer, norm_sq: torch.Tensor) -> None:
 
 
 def sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The sum of squares of grads (all on device) as they are, for when nothing was published: a 0-dim fp32
-    tensor on device, from one pass that multiplies them by 1 (the fused op has no measure-only mode; with
-    multiplier 1 its kernels only read). A tensor listed twice is one gradient, counted once (the op refuses
-    aliased lists)."""
+    """The sum of squares of grads (plain tensors, or DTensors whose local shards are on device) as they are, for
+    when nothing was published: a 0-dim fp32 tensor on device, from one pass that multiplies them by 1 (the fused
+    op has no measure-only mode; with multiplier 1 its kernels only read); for DTensor grads the local sums are
+    all-reduced over the ranks (mixprec.distributed). A tensor listed twice is one gradient, counted once (the op
+    refuses aliased lists)."""
     norm_sq = torch.zeros((), dtype=torch.float32, device=device)
     distinct = list({id(g): g for g in grads}.values())
     with torch.no_grad():
-        unscale_and_check_(distinct, torch.ones((), device=device), torch.zeros((), device=device), norm_sq)
+        distributed.unscale_and_check_(distinct, torch.ones((), device=device), torch.zeros((), device=device), norm_sq)
     return norm_sq
 
 

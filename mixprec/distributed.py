@@ -40,7 +40,7 @@ except ImportError:  # torch built without distributed
     dist = DTensor = Replicate = Shard = None
 
 __all__ = ["is_dtensor", "local", "check_placements", "check_grad", "check_no_main_grad", "new_state",
-           "copy_into", "unscale_and_check_", "sum_of_squares", "all_reduce_found_inf_", "found_inf_groups",
+           "copy_into", "unscale_and_check_", "all_reduce_found_inf_", "found_inf_groups",
            "norm_sq_groups", "shard_blocks"]
 
 _F32 = torch.float32
@@ -260,7 +260,9 @@ def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_
 
     Grads sharded alike (all of FSDP2's) take one op call and one all-reduce. Grads of several kinds (plain tensors
     beside DTensors, several meshes) take one call per kind, each reading its own grads once, since each kind's
-    sum is reduced over its own groups. Without DTensors this is the op itself."""
+    sum is reduced over its own groups. Without DTensors this is the op itself. The all-reduces are collectives:
+    every rank passes grads of the same kinds in the same order (FSDP2 gives every rank a grad for every param,
+    empty shards included); a plain grad beside DTensors is taken to be the same on every rank (counted once)."""
     keys = [None if g is None else _norm_key(g) for g in grads]
     if all(k is None for k in keys):
         return ops.unscale_and_check_(grads, inv_scale, found_inf, norm_sq, per_tensor_inf=per_tensor_inf,
@@ -278,17 +280,6 @@ def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_
                     dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
             norm_sq.add_(part.reshape(norm_sq.shape))
     return None
-
-
-def sum_of_squares(grads, device: torch.device) -> torch.Tensor:
-    """The global sum of squares of grads (plain tensors and DTensors, local tensors on device) as they are: a 0-dim
-    fp32 tensor on device, from one read-only pass (multiplier 1) per kind of grad and one all-reduce per kind. A
-    tensor listed twice is counted once."""
-    norm_sq = torch.zeros((), dtype=_F32, device=device)
-    distinct = list({id(g): g for g in grads}.values())
-    with torch.no_grad():
-        unscale_and_check_(distinct, torch.ones((), device=device), torch.zeros((), device=device), norm_sq)
-    return norm_sq
 
 
 # ------------------------------------------------------------------------------------- the FSDP2 recipe
@@ -315,12 +306,14 @@ def shard_blocks(model: torch.nn.Module, *, mesh=None, mp_policy=None, reshard_a
     mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) (setup a).
 
     blocks: the modules to shard as one unit each (default: the children of every nn.ModuleList, else the root's
-        children holding parameters). keep_fp32: the modules sharded on their own and run in fp32 (default
-        mixprec.precision.DEFAULT_KEEP_FP32, the normalization layers). FSDP2 all-gathers one flat buffer per unit
-        and needs one dtype in it, so an fp32 norm inside a half block must be a unit of its own. With an
-        mp_policy, those units run with param_dtype=float32 and output_dtype=mp_policy.param_dtype (inputs cast up,
-        outputs cast back, as prepare's hooks do), and the root with output_dtype=float32 unless the policy sets
-        one (the loss in fp32). mesh, reshard_after_forward: fully_shard's.
+        children holding parameters). FSDP2 all-gathers one flat buffer per unit and needs one dtype in it, so the
+        fp32 modules of a half model (the norms prepare keeps fp32) are units of their own, sharded first: without
+        mp_policy and keep_fp32, every module whose own params are all fp32 in a model holding half params (what
+        prepare/convert left in fp32, whatever its keep_fp32 was); otherwise the modules keep_fp32 selects (default
+        mixprec.precision.DEFAULT_KEEP_FP32, the normalization layers). With an mp_policy, those units run with
+        param_dtype=float32 and output_dtype=mp_policy.param_dtype (inputs cast up, outputs cast back, as prepare's
+        hooks do), and the root with output_dtype=float32 unless the policy sets one (the loss in fp32).
+        mesh (a 2-D mesh: HSDP), reshard_after_forward: fully_shard's.
 
     Refused: a param with a main_grad (see check_no_main_grad), a unit whose own params have two dtypes. Returns
     the model (sharded in place)."""
@@ -348,7 +341,7 @@ def shard_blocks(model: torch.nn.Module, *, mesh=None, mp_policy=None, reshard_a
         if mp_policy.output_dtype is None:
             root_policy = dataclasses.replace(mp_policy, output_dtype=_F32)
     with_policy = (lambda policy: {} if policy is None else {"mp_policy": policy})
-    for module in model.modules():
+    for module in list(model.modules()):
         if module is not model and own_unit(module):
             fully_shard(module, **kwargs, **with_policy(norm_policy))
     for unit in (*units, model):

@@ -108,15 +108,40 @@ exactly, so a resume is bit for bit); remainders come from a loaded fp32 master 
 the param at the first step as masters are above) or are 0 (the master is the param); fp32 masters come from
 remainders (remainder_join with the param at the first step) or from the params. ``opt.torch_state_dict()``
 exports torch.optim.AdamW's fp32 layout (moments dequantized; fp32 masters under "master_param" on request).
+
+Sharded params (FSDP2's fully_shard, HSDP: DTensors; mixprec.distributed holds the logic). The kernel runs once per
+bucket on this rank's local shards (``to_local()``, no copy; no DTensor op per element), exactly as on whole
+tensors, so a shard is updated bit for bit as the same rows would be as a param of their own. Every state tensor
+shaped like the param (moments, codes, masters, remainders) is a DTensor of the param's mesh and placements whose
+shard is laid out like the param's shard; "step" is a plain 0-dim tensor, as torch keeps it; int8 block scales are
+plain tensors of the shard's ceil(numel / 256) blocks (blocks of 256 in each shard's storage order; whether a
+tensor gets int8 moments is decided by the whole param's numel, so every rank agrees). Clipping uses the global
+norm: the scaler's (summed over the ranks in its pass), or this optimizer's own pass, SUM-reduced over the mesh
+dimensions the grads are sharded on. Checkpoints: torch.distributed.checkpoint saves and reshards every DTensor
+state as it does torch.optim.AdamW's. int8 moments cannot be resharded as codes (their block scales belong to one
+shard's storage), so ``state_dict()`` gives a DTensor param's int8 moments dequantized, as fp32 DTensors under
+torch's keys exp_avg / exp_avg_sq, and ``load_state_dict`` quantizes them again in the live shards' blocks: bit for
+bit when the sharding is the same (the dequantized codes are their own nearest codes and the block absmax is the
+scale), one more rounding to the codes when it changed. (A plain, unsharded optimizer's state_dict keeps codes and
+scales; a DCP checkpoint therefore moves int8 moments between shardings of DTensor params, 1-rank FSDP2 included,
+not between a sharded and an unsharded int8 optimizer, whose keys differ.) Loading a whole (unsharded) state dict
+into a sharded optimizer gives each rank its part, int8 codes of a whole tensor included (dequantized, quantized
+in the shard's blocks). state_bytes() and step_traffic() count this rank's shards. Refused, naming the param:
+placements other than Shard(0) on one mesh dimension with Replicate() on the others (Partial, Shard(1), 2-D
+FSDP x TP), a grad whose placements differ from its param's, and a sharded param with a main_grad (FSDP2
+reduce-scatters .grad only). Stochastic rounding keys its bits by the element's place in its shard: reproducible
+for a given sharding, not across shardings.
 """
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from collections import defaultdict
 
 import torch
 
-from mixprec import _backend, _grad_norm, ops
+from mixprec import _backend, _grad_norm, distributed, ops
 from mixprec.ops._validate import is_non_overlapping_and_dense
 from mixprec.ops.adam import AdamLists, check_adam_hyper
 from mixprec.reference import (
@@ -182,6 +207,9 @@ def _mix_seed(seed: int, group_index: int) -> int:
 
 def _check_global(key: str, value):
     """The value of an option of the whole optimizer (_GLOBAL_DEFAULTS), checked."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if key == "max_grad_norm" and value is not None and not real:
+        raise TypeError(f"max_grad_norm must be a float or None, got {type(value).__name__}")
     if key == "max_grad_norm" and value is not None and not value > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {value}")
     if key == "unscale_grads" and not isinstance(value, bool):
@@ -262,6 +290,7 @@ class FusedAdam(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True
     _always_decoupled = False
+    _mixprec_dtensor_support = True  # DTensor params (FSDP2): see the module docstring and mixprec.distributed
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
@@ -308,8 +337,11 @@ class FusedAdam(torch.optim.Optimizer):
                 raise ValueError(f"{where}Tensor lr must be 1-element")
             if lr.device.type == "cpu" and not 0.0 <= float(lr):
                 raise ValueError(f"{where}Invalid learning rate: {float(lr)}")
-        elif not 0.0 <= lr:
-            raise ValueError(f"{where}Invalid learning rate: {lr}")
+        else:
+            try:
+                check_adam_hyper(lr=lr, beta1=0.0, beta2=0.0, eps=1.0, weight_decay=0.0)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{where}{exc}") from None
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"{where}betas must be a pair, got {betas!r}")
         tensors = [isinstance(b, torch.Tensor) for b in betas]
@@ -322,8 +354,11 @@ class FusedAdam(torch.optim.Optimizer):
                 if b.device.type != "cpu" and group["capturable"]:
                     raise ValueError(f"{where}betas[{k}] is a tensor on {b.device}: it is read with float() at "
                                      "each step, a sync that capturable=True rules out; keep it on the CPU")
-        beta1, beta2 = (float(b) for b in betas)
-        check_adam_hyper(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        beta1, beta2 = (float(b) if isinstance(b, torch.Tensor) else b for b in betas)
+        try:
+            check_adam_hyper(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where}{exc}") from None
         master_weights, state_dtype = group["master_weights"], group["state_dtype"]
         if not (master_weights is True or master_weights is False or master_weights in ("auto", "remainder")):
             raise ValueError(f"{where}master_weights must be 'auto', True, False or 'remainder', got "
@@ -403,6 +438,7 @@ class FusedAdam(torch.optim.Optimizer):
             raise ValueError(f"{name} is float16; master_weights='remainder' is for bfloat16 params (an fp16 "
                              "param and 16 more bits are no fp32 master): give it master_weights=True in another "
                              "param group")
+        distributed.check_placements(name, p)
 
     def _check_listed_once(self, param_group: dict) -> None:
         """ValueError naming both places when a tensor is listed twice (torch warns within a group and updates it
@@ -433,8 +469,9 @@ class FusedAdam(torch.optim.Optimizer):
 
     @staticmethod
     def _new_state_tensor(p: torch.Tensor, dtype: torch.dtype = _F32) -> torch.Tensor:
-        """An uninitialized buffer shaped like p: p's strides when p is dense, else contiguous."""
-        return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        """An uninitialized buffer shaped like p: p's strides when p is dense, else contiguous; for a DTensor p, a
+        DTensor of p's placements laid out like p's shard (mixprec.distributed.new_state)."""
+        return distributed.new_state(p, dtype)
 
     def _init_state(self, group: dict, p: torch.Tensor) -> dict:
         """The state of p in the layout its group gives it: what is missing is made (zeros, a master from p), what
@@ -466,7 +503,8 @@ class FusedAdam(torch.optim.Optimizer):
                 if loaded:  # e.g. a torch checkpoint's params loaded after a FusedAdamW one: the param wins
                     pending.append((p, "round", None))
             elif has_remainder:  # the master is the param and its remainder, with the param as it is then
-                state["master_param"] = self._new_state_tensor(p).copy_(remainder_join(p.detach(), held_remainder))
+                state["master_param"] = self._new_state_tensor(p).copy_(
+                    distributed.on_shards(remainder_join, p.detach(), held_remainder, like=p))
                 pending.append((p, "join", held_remainder))
             else:
                 state["master_param"] = self._new_state_tensor(p).copy_(p.detach())
@@ -475,7 +513,8 @@ class FusedAdam(torch.optim.Optimizer):
             if not has_remainder:
                 remainder = self._new_state_tensor(p, torch.int16)
                 if has_master:  # split, then kept where the master rounds to the param (_reconciled)
-                    state["param_remainder"] = remainder.copy_(remainder_split(held_master)[1])
+                    state["param_remainder"] = remainder.copy_(
+                        distributed.on_shards(remainder_split, held_master, like=p, wrap=(1,))[1])
                     pending.append((p, "split", held_master))
                 else:  # the master is the param
                     state["param_remainder"] = remainder.zero_()
@@ -502,7 +541,7 @@ class FusedAdam(torch.optim.Optimizer):
             return
         value = None
         if codes_key is not None and codes_key in state and scales_key in state:
-            value = dequantize_blockwise(state[codes_key], state[scales_key])
+            value = distributed.on_shards(dequantize_blockwise, state[codes_key], state[scales_key], like=p)
         elif isinstance(held, torch.Tensor):
             value = held
         for k in (key, codes_key, scales_key):
@@ -510,13 +549,15 @@ class FusedAdam(torch.optim.Optimizer):
         if int8:
             if value is None:
                 codes = self._new_state_tensor(p, codes_dtype(signed)).zero_()
-                scales = torch.zeros(_blocks(p.numel()), dtype=_F32, device=p.device)
-            else:  # quantized in p's layout: the blocks are runs of p's memory order
-                codes, scales = quantize_blockwise(self._new_state_tensor(p).copy_(value), signed=signed)
+                scales = torch.zeros(_blocks(distributed.local_numel(p)), dtype=_F32, device=p.device)
+            else:  # quantized in p's layout: the blocks are runs of p's memory order (of its shard's, for a DTensor)
+                dense = distributed.copy_into(self._new_state_tensor(p), value)
+                codes, scales = distributed.on_shards(lambda t: quantize_blockwise(t, signed=signed), dense, like=p)
             state[codes_key], state[scales_key] = codes, scales
         else:
             out = self._new_state_tensor(p, dtype)
-            state[key] = out.zero_() if value is None else out.copy_(value)  # copy_ rounds to nearest even
+            # copy_ rounds to nearest even; a full tensor loaded into a DTensor state gives it this rank's part
+            state[key] = out.zero_() if value is None else distributed.copy_into(out, value)
 
     def _reconciled(self, p: torch.Tensor, how: str, data) -> dict:
         """The tensors (state key or "param" -> new values) that reconcile p's master with the param as it is now,
@@ -531,9 +572,9 @@ class FusedAdam(torch.optim.Optimizer):
         if how == "round":
             return {"master_param": _keep_where_rounds_to(state["master_param"], param)}
         if how == "join":
-            return {"master_param": remainder_join(param, data.to(param.device))}
+            return {"master_param": distributed.on_shards(remainder_join, param, data.to(param.device), like=p)}
         master = data.to(param.device)
-        split_param, remainder = remainder_split(master)
+        split_param, remainder = distributed.on_shards(remainder_split, master, like=p, wrap=(0, 1))
         keep = (master.to(param.dtype) == param) | (split_param == param)
         return {"param_remainder": torch.where(keep, remainder, torch.zeros_like(remainder)),
                 "param": torch.where(keep, split_param, param)}
@@ -591,13 +632,29 @@ class FusedAdam(torch.optim.Optimizer):
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         groups, index = self._packed_groups()
-        state = {(index[id(k)] if isinstance(k, torch.Tensor) else k): v for k, v in self.state.items()}
+        state = {(index[id(k)] if isinstance(k, torch.Tensor) else k): self._portable(k, v)
+                 for k, v in self.state.items()}
         state_dict = {"state": state, "param_groups": groups}
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
         return state_dict
+
+    @staticmethod
+    def _portable(p, held):
+        """state_dict()'s entry for p: its state as held, except that a DTensor param's int8 moments are given
+        dequantized, as fp32 DTensors under torch's keys (exp_avg, exp_avg_sq): their block scales are blocks of each
+        shard's storage, which no other sharding has, so torch.distributed.checkpoint could not reshard them.
+        load_state_dict quantizes them again: bit for bit in the same sharding (dequantized codes are the nearest
+        codes' values and the block absmax is their scale), anew in another (one more rounding to the codes)."""
+        if not (distributed.is_dtensor(p) and isinstance(held, dict) and any(k in held for k in _SCALES)):
+            return held
+        out = {k: v for k, v in held.items() if k not in _SCALES and k not in ("exp_avg_codes", "exp_avg_sq_codes")}
+        for moment, (codes_key, scales_key, _) in _INT8_KEYS.items():
+            if codes_key in held:
+                out[moment] = distributed.on_shards(dequantize_blockwise, held[codes_key], held[scales_key], like=p)
+        return out
 
     def torch_state_dict(self, *, master_params: bool = False) -> dict:
         """The state as torch.optim.AdamW holds it, for torch.optim.AdamW.load_state_dict (or any reader of its
@@ -621,7 +678,8 @@ class FusedAdam(torch.optim.Optimizer):
                     continue
                 elif name in ("exp_avg_codes", "exp_avg_sq_codes"):
                     moment = name.removesuffix("_codes")
-                    out[moment] = dequantize_blockwise(value, held[_INT8_KEYS[moment][1]])
+                    out[moment] = distributed.on_shards(dequantize_blockwise, value, held[_INT8_KEYS[moment][1]],
+                                                        like=p)
                 else:
                     out[name] = value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
             if master_params and _kinds(group, p)[0] != "none":
@@ -661,13 +719,15 @@ class FusedAdam(torch.optim.Optimizer):
         if master == "remainder" and remainder is None and fp32 is not None:  # converted at the next step
             converted = self._reconciled(p, "split", fp32)
             param, remainder = converted["param"], converted["param_remainder"]
-        return out.copy_(param if remainder is None else remainder_join(param, remainder))
+        return out.copy_(param if remainder is None else
+                         distributed.on_shards(remainder_join, param, remainder, like=p))
 
     def state_bytes(self) -> int:
         """The bytes of every tensor the optimizer holds in its state (masters, remainders, moments, int8 block
-        scales, step counts), for all params; not the params themselves."""
-        return sum(t.numel() * t.element_size() for held in self.state.values() if isinstance(held, dict)
-                   for t in held.values() if isinstance(t, torch.Tensor))
+        scales, step counts), for all params; not the params themselves. DTensor state (FSDP2): the bytes of this
+        rank's shards."""
+        return sum(distributed.local_numel(t) * t.element_size() for held in self.state.values()
+                   if isinstance(held, dict) for t in held.values() if isinstance(t, torch.Tensor))
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
@@ -679,7 +739,14 @@ class FusedAdam(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) or not isinstance(
+                state_dict.get("param_groups"), (list, tuple)):
+            raise ValueError("the state dict must be a dict with a dict 'state' and a list 'param_groups' (what "
+                             "optimizer.state_dict() returns)")
         saved_groups = state_dict["param_groups"]
+        for gi, saved in enumerate(saved_groups):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(f"param_groups[{gi}] of the loaded state dict must be a dict with a 'params' list")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         if any(len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)):
@@ -701,6 +768,7 @@ class FusedAdam(torch.optim.Optimizer):
                 raise ValueError(f"param_groups[{len(groups)}]: the loaded state dict has amsgrad=True, which is not "
                                  "supported with this optimizer's state_dtype='int8' (use torch.bfloat16 or "
                                  "torch.float32 states)")
+            self._check_options(group, f"loaded param_groups[{len(groups)}]: ")
             groups.append(group)
         saved_state = state_dict["state"]
         state: defaultdict = defaultdict(dict)
@@ -730,12 +798,17 @@ class FusedAdam(torch.optim.Optimizer):
             raise ValueError(f"{name}: the loaded state must be a dict, got {type(saved).__name__}")
         state = {}
         for key, value in saved.items():
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                raise ValueError(f"{name}: the loaded state {key!r} is a meta tensor (it holds no values)")
             if key == "step":
                 step = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(float(value))
                 if step.numel() != 1:
                     raise ValueError(f"{name}: the loaded state 'step' must have one element, got shape "
                                      f"{tuple(step.shape)}")
                 state[key] = step.to(device=p.device, dtype=torch.float32, copy=True).reshape(())
+                if not (math.isfinite(float(state[key])) and float(state[key]) >= 0):  # a load may sync
+                    raise ValueError(f"{name}: the loaded state 'step' must be a finite count >= 0, got "
+                                     f"{float(state[key])}")
             elif key in _SHAPED_STATE or key in _SCALES:
                 state[key] = self._loaded_tensor(name, key, p, value, live.get(key))
             else:
@@ -746,7 +819,15 @@ class FusedAdam(torch.optim.Optimizer):
                                  f"without '{scales_key if codes_key in state else codes_key}' (int8 moments are "
                                  "codes and block scales)")
             codes = state.get(codes_key)
-            if codes is not None and not _same_order(codes, self._new_state_tensor(p).stride()):
+            if codes is not None and distributed.is_dtensor(p):
+                # int8 codes of a whole tensor (an unsharded checkpoint) loaded into a shard: its blocks are not the
+                # shard's; dequantized here, requantized in the shard's blocks by _to_layout
+                if distributed.is_dtensor(codes) or distributed.is_dtensor(state[scales_key]):
+                    raise ValueError(f"{name}: the loaded state has int8 '{codes_key}' as a DTensor: block scales "
+                                     "of shards cannot be resharded (FusedAdam/W's state_dict() gives a DTensor "
+                                     "param's int8 moments dequantized)")
+                state[key] = dequantize_blockwise(state.pop(codes_key), state.pop(scales_key))
+            elif codes is not None and not _same_order(codes, self._new_state_tensor(p).stride()):
                 # saved from a param of another memory order: its blocks are not p's; requantized in p's layout
                 state[key] = dequantize_blockwise(state.pop(codes_key), state.pop(scales_key))
             elif codes is not None:
@@ -770,6 +851,11 @@ class FusedAdam(torch.optim.Optimizer):
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{name}: the loaded state '{key}' must be a tensor, got {type(value).__name__}")
         scales = key in _SCALES
+        codes = key in ("exp_avg_codes", "exp_avg_sq_codes")
+        if distributed.is_dtensor(p) and not (scales or codes) and value.shape == p.shape:
+            # a whole tensor (an unsharded state dict) or a DTensor of another sharding: this rank's shard of it,
+            # as a DTensor like p, so that what follows sees the live state's kind of tensor
+            value = distributed.copy_into(self._new_state_tensor(p, value.dtype), value)
         if scales and value.shape != (_blocks(p.numel()),):
             raise ValueError(f"{name}: the loaded state '{key}' has shape {tuple(value.shape)}, but a parameter of "
                              f"{p.numel()} elements has {_blocks(p.numel())} int8 blocks of {INT8_BLOCK}")
@@ -778,7 +864,6 @@ class FusedAdam(torch.optim.Optimizer):
                              f"parameter has shape {tuple(p.shape)}")
         if value.is_complex() or value.dtype is torch.bool:
             raise ValueError(f"{name}: the loaded state '{key}' has dtype {value.dtype}")
-        codes = key in ("exp_avg_codes", "exp_avg_sq_codes")
         if codes:
             if not is_non_overlapping_and_dense(value):
                 raise ValueError(f"{name}: the loaded state '{key}' must be a dense tensor (its int8 blocks are runs "
@@ -804,7 +889,7 @@ class FusedAdam(torch.optim.Optimizer):
             want = value.dtype if value.dtype in (_F32, _BF16) else _F32
         if scales:
             return torch.empty(value.shape, dtype=want, device=p.device).copy_(value)
-        return self._new_state_tensor(p, want).copy_(value)
+        return distributed.copy_into(self._new_state_tensor(p, want), value)
 
     def _check_masters(self) -> None:
         """At the first step after a load: masters and remainders reconciled with the params (_reconciled)."""
@@ -835,7 +920,7 @@ class FusedAdam(torch.optim.Optimizer):
         if norm_sq is None:
             total = None
             for device, grads in grads_by_device.items():
-                part = _grad_norm.sum_of_squares(grads, device)
+                part = _grad_norm.sum_of_squares(grads, device)  # DTensor grads: summed over the ranks
                 total = part if total is None else total + part.to(total.device)
             norm_sq = total
         norm = norm_sq.reshape(1).float().sqrt()
@@ -884,12 +969,40 @@ class FusedAdam(torch.optim.Optimizer):
         """ValueError naming the parameter when its state was made for another shape."""
         for key in (*_SHAPED_STATE, *_SCALES):
             t = state.get(key)
-            want = (_blocks(p.numel()),) if key in _SCALES else p.shape
+            want = (_blocks(distributed.local_numel(p)),) if key in _SCALES else p.shape
             if t is not None and t.shape != want:
                 name = f"{type(self).__name__}: {self._param_name(group, gi, i)}"
                 raise ValueError(f"{name} has shape {tuple(p.shape)}, but its optimizer state '{key}' has shape "
                                  f"{tuple(t.shape)}: the parameter was resized after its state was made (give it "
                                  "fresh state with `del optimizer.state[param]`, or load state of its new shape)")
+
+    def _check_sharded(self, group: dict, gi: int, i: int, p, g) -> None:
+        name = f"{type(self).__name__}: {self._param_name(group, gi, i)}"
+        distributed.check_grad(name, p, g)
+        distributed.check_no_main_grad(name, p)
+
+    @staticmethod
+    def _local_views(p, g, state: dict) -> tuple:
+        """(param, grad, state) of a DTensor param as this rank's local tensors, for the kernel. A DTensor state whose
+        shard is not laid out like the param's shard is laid out again first, in the state itself (int8 codes of
+        another memory order are quantized anew in the shard's blocks), so that the slower path (_fit_layouts),
+        which works on these views, never needs to change the state."""
+        lp = distributed.local(p)
+        strides = lp.stride()
+        if is_non_overlapping_and_dense(lp):
+            for codes_key, scales_key, signed in _INT8_KEYS.values():
+                codes = state.get(codes_key)
+                if codes is not None and not _same_order(distributed.local(codes), strides):
+                    value = distributed.on_shards(dequantize_blockwise, codes, state[scales_key], like=p)
+                    value = distributed.on_shards(lambda t: _laid_out(t, strides)[0], value, like=p)
+                    state[codes_key], state[scales_key] = distributed.on_shards(
+                        lambda t: quantize_blockwise(t, signed=signed), value, like=p)
+            for key in _SHAPED_STATE:
+                t = state.get(key)
+                if t is not None and distributed.local(t).stride() != strides:
+                    state[key] = distributed.on_shards(lambda x: _laid_out(x, strides)[0], t, like=p)
+        views = {k: distributed.local(v) for k, v in state.items()}
+        return lp, distributed.local(g), views
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -927,6 +1040,9 @@ class FusedAdam(torch.optim.Optimizer):
                 master, kind = _kinds(group, p)
                 m_key, v_key, m_dtype, _, m_scales_key, v_scales_key = _STATE_KEYS[kind]
                 master_key = _MASTER_KEYS.get(master)
+                sharded = type(p) is not torch.nn.Parameter and distributed.is_dtensor(p)
+                if sharded:  # checked before any state is made for it
+                    self._check_sharded(group, gi, i, p, g)
                 state = states.get(p)
                 exp_avg = state.get(m_key) if state else None
                 if (exp_avg is None or exp_avg.dtype is not m_dtype or (amsgrad and "max_exp_avg_sq" not in state)
@@ -935,6 +1051,11 @@ class FusedAdam(torch.optim.Optimizer):
                         self._check_state_shapes(group, gi, i, p, state)
                     self._check_param(group, gi, i, p)
                     state = self._init_state(group, p)
+                    exp_avg = state[m_key]
+                if clipping:
+                    norm_grads.setdefault(g.device, []).append(g)  # as it is: a DTensor's norm is summed over ranks
+                if sharded:  # the kernel runs on this rank's shards (mixprec.distributed)
+                    p, g, state = self._local_views(p, g, state)
                     exp_avg = state[m_key]
                 key = (p.device, master, kind)
                 strides = p.stride()
@@ -961,8 +1082,6 @@ class FusedAdam(torch.optim.Optimizer):
                     b.master_params.append(state["master_param"])
                 elif master == "remainder":
                     b.param_remainders.append(state["param_remainder"])
-                if clipping:
-                    norm_grads.setdefault(p.device, []).append(run_g)
                 if unscale:
                     scaled_grads.setdefault(p.device, {})[id(g)] = g  # by id: a grad shared by two params once
             for key, lists in buckets.items():
@@ -1037,7 +1156,7 @@ def step_traffic(optimizer: FusedAdam, *, per_array: bool = False):
             g = p.grad
             if g is None:
                 continue
-            n = p.numel()
+            n = distributed.local_numel(p)  # this rank's shard of a DTensor param
             master, kind = _kinds(group, p)
             add("grad", n * g.element_size(), 0)
             if master == "fp32":

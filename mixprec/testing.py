@@ -121,16 +121,6 @@ def is_issue12_mode(variant: str, state: str = "fp32") -> bool:
     return VARIANTS[variant].master == "remainder" or state != "fp32"
 
 
-def backend_runs(backend: str, variant: str, state: str = "fp32") -> bool:
-    """Whether `backend` (a backend= name) runs the mode: the extension's backends run issue #12's modes once its
-    schema has their lists (its C++ lands separately; until then mixprec.ops refuses them there)."""
-    if backend in ("cpu", "cuda") and is_issue12_mode(variant, state):
-        from mixprec.ops import adam
-
-        return adam._EXT_HAS_ISSUE12
-    return True
-
-
 def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
     """t's values stored in `layout`: "contiguous"; "transposed" (a 2-D tensor stored column-major);
     "channels_last" (a 4-D tensor). Idempotent, so that every tensor of a state can be passed through it."""

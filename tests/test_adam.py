@@ -13,12 +13,10 @@ import torch
 
 import mixprec
 from mixprec import reference
-from mixprec.ops import adam as ops_adam
 from mixprec.testing import (
     STATES,
     VARIANTS,
     assert_states_equal,
-    backend_runs,
     clone_state,
     hyper,
     random_state,
@@ -32,19 +30,10 @@ SIZES = (1, 7, 127, 129, 1000, 65537)
 CONFIGS = VARIANTS
 MODES = [(v, s) for v in VARIANTS for s in STATES]  # every master / param variant with every state kind
 MODE_IDS = [f"{v}-{s}state" for v, s in MODES]
-# the C++ kernels of issue #12 are written in another branch (csrc/, cpp12): until the extension's schema has the
-# new lists, its backends run the old modes only (mixprec.ops.adam's shim refuses the others clearly)
-EXT_HAS_ISSUE12 = ops_adam._EXT_HAS_ISSUE12
-
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     return use_backend(request.param, monkeypatch)
-
-
-def skip_unless_implemented(backend: str, variant: str, state: str = "fp32") -> None:
-    if not backend_runs(backend, variant, state):
-        pytest.skip(f"{backend} lacks issue #12's modes yet (the extension: its schema lacks param_remainders)")
 
 
 def make_state(shapes, config, **kwargs):
@@ -63,7 +52,6 @@ def run_both(st, kw, backend):
 @pytest.mark.parametrize("n", SIZES)
 def test_matches_reference_bitwise(backend, config, n):
     # the flag combinations cycle with the size, so that every size and every combination is covered
-    skip_unless_implemented(backend, config)
     k = SIZES.index(n)
     amsgrad, decoupled, maximize = bool(k & 1), bool(k & 2), k % 3 == 0
     st = make_state([(n,)], config, amsgrad=amsgrad, seed=n)
@@ -88,7 +76,6 @@ MODE_SHAPES = [[(1,), (255,)], [(257,), (7, 41)], [(1000,), (3, 5)], [(2049,)]]
 @pytest.mark.parametrize("flags", range(len(FLAG_SETS)))
 def test_modes_match_reference(backend, variant, state, flags):
     """Every mode x param dtype x (Adam/AdamW, decay, amsgrad where allowed, maximize, grad_scale, clip_coef)."""
-    skip_unless_implemented(backend, variant, state)
     amsgrad, decoupled, maximize, wd, scale, clip, found = FLAG_SETS[flags]
     amsgrad = amsgrad and state != "int8"
     st = make_state(MODE_SHAPES[flags], variant, amsgrad=amsgrad, seed=100 + flags, state=state)
@@ -103,7 +90,6 @@ def test_modes_match_reference(backend, variant, state, flags):
 def test_found_inf_skips_everything(backend, variant, state):
     """inf/NaN in the grads and found_inf = 1: no buffer changes (params, masters, remainders, moments, block
     scales), not even the step count."""
-    skip_unless_implemented(backend, variant, state)
     st = make_state([(1000,), (7,)], variant, amsgrad=state != "int8", seed=3, specials=True, state=state)
     before = clone_state(st)
     mixprec.ops.adam_step_(**st, **hyper(variant, found_inf=1.0), backend=backend)
@@ -115,7 +101,6 @@ def test_found_inf_skips_everything(backend, variant, state):
 def test_nonfinite_grads_without_found_inf(backend, variant, state):
     """Without found_inf the update runs and inf/NaN propagate exactly as in the reference (int8: the block of a
     non-finite moment gets a NaN or inf scale)."""
-    skip_unless_implemented(backend, variant, state)
     st = make_state([(127,), (600,)], variant, amsgrad=False, seed=11, specials=True, state=state)
     expected = run_both(st, hyper(variant, found_inf=None), backend)
     assert_states_equal(st, expected, f"{backend} {variant} {state}")
@@ -150,7 +135,6 @@ LAYOUT_MODES = [("bf16-sr", "fp32"), ("bf16-sr", "int8"), ("bf16-remainder", "in
 def test_permuted_layouts_follow_storage_order(backend, layout, shapes, variant, state):
     """Transposed and channels_last tensors (SR bits and int8 blocks by storage order): the backend matches the
     reference, and both match the same call on the storage viewed as 1-D tensors, which is the definition."""
-    skip_unless_implemented(backend, variant, state)
     st = make_state(shapes, variant, amsgrad=False, seed=21, state=state, layout=layout)
     assert not st["params"][0].is_contiguous()
     kw = hyper(variant)
@@ -271,7 +255,6 @@ def test_remainder_trajectory_equals_fp32_masters(backend_name, monkeypatch):
     """Several steps on the same grads: the master reconstructed from (param, remainder) equals master_params mode's
     master bit for bit at every step, and the param is its RNE except at exact ties (then ties away)."""
     backend = use_backend(backend_name, monkeypatch)
-    skip_unless_implemented(backend, "bf16-remainder")
     shapes = [(777,), (3, 129)]
     masters = random_state(shapes, "bf16-master", amsgrad=True, seed=31, step=0.0)
     rem = random_state(shapes, "bf16-remainder", amsgrad=True, seed=31, step=0.0)
@@ -300,7 +283,6 @@ def test_remainder_ties_and_specials_through_the_op(backend):
     """The op's remainder store on exact ties and special masters: with lr = 0 and no decay the update adds a zero,
     so the master must come back bit for bit (inf, max finite, subnormals, random patterns) and every tie param
     must be the larger magnitude (an RNE store would pick the even neighbour)."""
-    skip_unless_implemented(backend, "bf16-remainder")
     x = _special_masters(3000, seed=3)
     hi = torch.randint(0x3F00, 0x4100, (64,), generator=torch.Generator().manual_seed(4))
     ties = reference._float_from_bits((hi << 16) | 0x8000)
@@ -373,7 +355,6 @@ def test_int8_ties_through_the_op(backend):
     """The op's int8 store at exact ties, where random data never lands: with beta1 = beta2 = 0 the new moments are
     m = g and v = g * g exactly, and a block holding 1.0 has scale 1, so the grads place m on every midpoint of
     the map (both tie directions, and half of value(1), which ties up) and v on midpoints 1.5625 * 4^j."""
-    skip_unless_implemented(backend, "fp32", "int8")
     values = reference.int8_value(torch.arange(128, dtype=torch.int8))
     mids = (values[1:-1] + values[2:]) / 2  # exact in fp32: one more mantissa bit
     m_block = torch.cat([torch.ones(1), mids, values[1:2] / 2, -mids[::3], torch.zeros(256 - 1 - 126 - 1 - 42)])
@@ -555,17 +536,10 @@ def test_skipped_step_takes_any_tensor_values():
     assert_states_equal(st, before, "skipped")
 
 
-@pytest.mark.skipif(EXT_HAS_ISSUE12, reason="the extension has issue #12's modes: no shim")
-def test_old_extension_refuses_new_modes_clearly():
-    st = make_state([(300,)], "bf16-remainder", amsgrad=False, seed=9, state="int8")
-    with pytest.raises(NotImplementedError, match=r"backend 'cpu': this build of mixprec._C predates"):
-        mixprec.ops.adam_step_(**st, **hyper("bf16-remainder"), backend="cpu")
-
-
 def test_extension_checks_too():
     """The C++ op refuses what the Python layer would, naming the argument (for callers of torch.ops)."""
     a = _args()
-    new = dict(param_remainders=[], exp_avg_scales=[], exp_avg_sq_scales=[]) if EXT_HAS_ISSUE12 else {}
+    new = dict(param_remainders=[], exp_avg_scales=[], exp_avg_sq_scales=[])
     with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] must have the shape and strides of params\[0\]"):
         torch.ops.mixprec.adam_step_(a["params"], a["grads"], [torch.zeros(5)], a["exp_avg_sqs"], a["steps"],
                                      max_exp_avg_sqs=[], master_params=a["master_params"], **new,
@@ -580,12 +554,10 @@ def test_extension_checks_too():
 @pytest.mark.parametrize("variant, state", [("fp32", "fp32"), ("fp16-master", "fp32"), ("bf16-sr", "fp32"),
                                             ("bf16-remainder", "int8"), ("bf16-master", "bf16")])
 def test_opcheck(variant, state):
-    skip_unless_implemented("cpu", variant, state)
     st = make_state([(33,), (4, 4)], variant, amsgrad=state != "int8", seed=1, state=state)
     kw = hyper(variant)
     args = (st["params"], st["grads"], st["exp_avgs"], st["exp_avg_sqs"], st["steps"])
-    lists = ("max_exp_avg_sqs", "master_params") + (("param_remainders", "exp_avg_scales", "exp_avg_sq_scales")
-                                                    if EXT_HAS_ISSUE12 else ())
+    lists = ("max_exp_avg_sqs", "master_params", "param_remainders", "exp_avg_scales", "exp_avg_sq_scales")
     kwargs = dict(**{k: st[k] for k in lists}, lr=kw["lr"], beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
                   decoupled=True, maximize=False, grad_scale=kw["grad_scale"], found_inf=kw["found_inf"],
                   clip_coef=kw["clip_coef"], sr_seed=1234 if VARIANTS[variant].stochastic else -1)
@@ -596,7 +568,6 @@ def test_opcheck(variant, state):
 @pytest.mark.parametrize("variant, state", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("n", SIZES + (3_000_001,))
 def test_cuda_matches_reference_bitwise(variant, state, n):
-    skip_unless_implemented("cuda", variant, state)
     k = SIZES.index(n) if n in SIZES else 0
     st = make_state([(n,), (5, 3)], variant, amsgrad=bool(k & 1) and state != "int8", seed=n, device="cuda",
                     state=state)

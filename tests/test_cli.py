@@ -364,7 +364,9 @@ def test_inspect_names_cuda_instances_in_words(inspect_json):
         pytest.skip("mixprec._C was built without its CUDA part")
     names = {k["kernel"] for k in inspect_json["kernels"] if k["source"] == "cuda"}
     assert not [n for n in names if "<" in n or "DType" in n], names
-    assert {"adam_kernel (fp16, master weights, AdamW)", "adam_kernel (fp32, amsgrad, Adam)", "unscale_kernel (bf16)",
+    assert {"adam_kernel (fp16, fp32 master, fp32 states, AdamW)",
+            "adam_kernel (fp32, no master, fp32 states, amsgrad, Adam)",
+            "adam_kernel (bf16, remainder master, int8 states, AdamW)", "unscale_kernel (bf16)",
             "gemm_kernel (fp16, A K-contiguous, B K-contiguous, 16-byte vectors)",
             "gemm_kernel (bf16, A M-contiguous, B N-contiguous, 16-byte vectors)"} <= names, names
 

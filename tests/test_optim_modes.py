@@ -14,7 +14,6 @@ from torch import nn
 import mixprec
 from mixprec import _grad_norm, reference
 from mixprec.optim import INT8_MIN_NUMEL, FusedAdam, FusedAdamW, _mix_seed, step_traffic
-from mixprec.testing import backend_runs
 from tests.helpers import assert_bitwise_equal
 from tests.test_optim import _save_load
 
@@ -38,19 +37,6 @@ MODES = {
 # int8 needs INT8_MIN_NUMEL elements: the first two are quantized (17 blocks, the last one partial; 4257
 # elements stored transposed in one test), the others keep fp32 moments
 SHAPES = [(4100,), (33, 129), (7,), (3, 5)]
-
-
-def _variant(kwargs: dict) -> tuple[str, str]:
-    """mixprec.testing's (variant, state) names of a mode, for backend_runs."""
-    master = kwargs.get("master_weights", "auto")
-    variant = "bf16-remainder" if master == "remainder" else "bf16" if master is False else "bf16-master"
-    state = {torch.float32: "fp32", BF16: "bf16", "int8": "int8"}[kwargs.get("state_dtype", torch.float32)]
-    return variant, state
-
-
-def skip_unless_runs(backend: str, kwargs: dict) -> None:
-    if not backend_runs(backend, *_variant(kwargs)):
-        pytest.skip(f"{backend} lacks issue #12's modes yet (the extension's schema lacks param_remainders)")
 
 
 def make_params(dtype=BF16, shapes=SHAPES, seed=0):
@@ -113,7 +99,6 @@ def test_remainder_master_trajectory_is_the_fp32_master_trajectory(backend, opti
     cls, kwargs = OPTIONS[options]
     if state_dtype == "int8" and kwargs.get("amsgrad"):
         kwargs = {**kwargs, "amsgrad": False}
-    skip_unless_runs(backend, dict(master_weights="remainder", state_dtype=state_dtype))
     a, b = make_params(), make_params()
     masters = cls(a, lr=1e-2, master_weights=True, state_dtype=state_dtype, backend=backend, **kwargs)
     remainders = cls(b, lr=1e-2, master_weights="remainder", state_dtype=state_dtype, backend=backend, **kwargs)
@@ -220,7 +205,6 @@ def test_every_mode_runs_the_op_on_the_state_it_keeps(backend, mode):
     """Four steps of FusedAdam (L2 decay, clipping, a loss scale) in each mode equal the reference op driven by
     hand on lists built independently, bit for bit: params, steps, moments (codes and scales), masters."""
     kwargs = MODES[mode]
-    skip_unless_runs(backend, kwargs)
     params, oracle = make_params(), make_params()
     opt = FusedAdam(params, lr=1e-2, weight_decay=0.1, max_grad_norm=0.3, backend=backend, **kwargs)
     gen = torch.Generator().manual_seed(7)

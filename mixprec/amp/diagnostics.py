@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from mixprec import distributed
+
 
 @dataclass
 class OverflowCulprit:
@@ -265,7 +267,8 @@ class OverflowMonitor:
                 last = [0.0] * len(record.params)
                 with_grad = [i for i, p in enumerate(record.params) if p.grad is not None]
                 if with_grad:
-                    bad = torch.stack([~torch.isfinite(_dense(record.params[i].grad)).all() for i in with_grad])
+                    grads = [_dense(distributed.local(record.params[i].grad)) for i in with_grad]  # own shards
+                    bad = torch.stack([~torch.isfinite(g).all() for g in grads])
                     for i, b in zip(with_grad, bad.tolist()):
                         last[i] = float(b)
             for i, p in enumerate(record.params):

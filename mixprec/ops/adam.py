@@ -1,7 +1,6 @@
 """mixprec.ops.adam_step_: the fused Adam/AdamW update, one pass over params, grads, state and masters."""
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from dataclasses import dataclass, field, fields
@@ -167,7 +166,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, be
             x = math.nan if t is None else t.item()
             if t is not None and not ((0.0 < x if positive else 0.0 <= x) and x < math.inf):
                 raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {x}")
-    _implementation(_backend.select(backend, device), state_dtype)(
+    _implementation(_backend.select(backend, device))(
         params, lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"],
         **{name: list(lists[name]) for name in _OPTIONAL_LISTS}, lr=lr, beta1=float(beta1), beta2=float(beta2),
         eps=float(eps), weight_decay=float(weight_decay), decoupled=bool(decoupled), maximize=bool(maximize),
@@ -176,6 +175,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, be
 
 
 def _check_flags(lr, beta1, beta2, eps, weight_decay, decoupled, maximize, sr_seed) -> None:
+    if lr is None:
+        raise TypeError("lr must be a float or a one-element tensor, got None")
     check_adam_hyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     for name, x in (("decoupled", decoupled), ("maximize", maximize)):
         if not isinstance(x, (bool, int)):
@@ -293,7 +294,7 @@ def _check_scales(name: str, tensors: list, params: list, device, grad_on: bool,
         check_writable(where, t)
 
 
-def _implementation(chosen: str, state_dtype: torch.dtype):
+def _implementation(chosen: str):
     """The function with the mixprec::adam_step_ schema's signature that runs `chosen`."""
     if chosen == "reference":
         return reference.adam_step_
@@ -301,35 +302,13 @@ def _implementation(chosen: str, state_dtype: torch.dtype):
         from mixprec.kernels import adam as triton_adam
 
         return triton_adam.adam_step_
-    if not _EXT_HAS_ISSUE12:
-        return functools.partial(_old_extension, chosen, state_dtype)
     return torch.ops.mixprec.adam_step_
-
-
-# ---- shim: delete when the C++ side of issue #12 (csrc/, branch cpp12) is merged ----
-
-def _extension_has_issue12() -> bool:
-    """Whether the built extension's mixprec::adam_step_ takes the lists of issue #12 (param_remainders, ...)."""
-    return any(a.name == "param_remainders" for a in torch.ops.mixprec.adam_step_.default._schema.arguments)
-
-
-# read once at import (torch.compile traces adam_step_: no schema lookup inside it)
-_EXT_HAS_ISSUE12 = _ext.available() and _extension_has_issue12()
-
-
-def _old_extension(chosen, state_dtype, *args, param_remainders, exp_avg_scales, exp_avg_sq_scales, **kwargs):
-    """Calls an extension built before issue #12 without the new lists, and refuses the modes it lacks."""
-    if param_remainders or exp_avg_scales or state_dtype != torch.float32:
-        raise NotImplementedError(f"backend {chosen!r}: this build of mixprec._C predates remainder masters and "
-                                  "bf16/int8 states (rebuild it with `make build`); backend='reference' or "
-                                  "'triton' run them")
-    torch.ops.mixprec.adam_step_(*args, **kwargs)
 
 
 if _ext.available():
 
     @torch.library.register_fake("mixprec::adam_step_")
-    def _(params, grads, exp_avgs, exp_avg_sqs, steps, *, max_exp_avg_sqs, master_params, param_remainders=(),
-          exp_avg_scales=(), exp_avg_sq_scales=(), lr, beta1, beta2, eps, weight_decay, decoupled, maximize=False,
+    def _(params, grads, exp_avgs, exp_avg_sqs, steps, *, max_exp_avg_sqs, master_params, param_remainders,
+          exp_avg_scales, exp_avg_sq_scales, lr, beta1, beta2, eps, weight_decay, decoupled, maximize=False,
           grad_scale=None, found_inf=None, clip_coef=None, sr_seed=-1):
         return None

@@ -438,6 +438,16 @@ def load_result(path: str) -> dict:
                or k not in result]
     if missing:
         raise UsageError(f"--from-json {path!r} is not a results.json of `python -m mixprec bench` (no {missing})")
+    if not isinstance(result["rows"], list):
+        raise UsageError(f"--from-json {path!r}: 'rows' must be a list of rows")
+    for i, r in enumerate(result["rows"]):
+        problems = row_problems(r)
+        if problems:
+            raise UsageError(f"--from-json {path!r}: rows[{i}] is not a benchmark row ({'; '.join(problems)})")
+    machine_keys = ("cpu", "logical_cpus", "cpu_threads", "torch", "triton", "python", "cuda_device")
+    absent = [k for k in machine_keys if not isinstance(result["machine"], dict) or k not in result["machine"]]
+    if absent:
+        raise UsageError(f"--from-json {path!r}: 'machine' lacks {absent}")
     return result
 
 

@@ -58,9 +58,13 @@ def read_binary(path: str, arch: int) -> list[tuple[KernelInfo, int | None, int]
 
 
 # The template parameters of each CUDA kernel (csrc/cuda/*.cu), in order: a dtype, a flag named only when it is
-# on, or a flag with a word for each value. A kernel left out here is shown as the compiler prints it.
+# on, a flag with a word for each value (a pair: true, false), or an enum with a word for each value (a dict).
+# A kernel left out here is shown as the compiler prints it.
 _TEMPLATE_PARAMS = {
-    "adam_kernel": ("dtype", "master weights", "amsgrad", ("AdamW", "Adam"), "stochastic rounding"),
+    "adam_kernel": ("dtype", {"(MasterKind)0": "no master", "(MasterKind)1": "fp32 master",
+                              "(MasterKind)2": "remainder master"},
+                    {"(StateKind)0": "fp32 states", "(StateKind)1": "bf16 states", "(StateKind)2": "int8 states"},
+                    "amsgrad", ("AdamW", "Adam"), "stochastic rounding"),
     "unscale_kernel": ("dtype",),
     "gemm_kernel": ("dtype", ("A K-contiguous", "A M-contiguous"), ("B K-contiguous", "B N-contiguous"),
                     ("16-byte vectors", "scalar loads")),
@@ -71,7 +75,7 @@ _DTYPE_WORDS = {"(DType)0": "fp32", "(DType)1": "fp16", "(DType)2": "bf16", "__h
 
 def _short_name(demangled: str) -> str:
     """'void mixprec::cuda::(anonymous namespace)::adam_kernel<(mixprec::DType)1, true, ...>(args)' ->
-    'adam_kernel (fp16, master weights, Adam)': the instance in words (_TEMPLATE_PARAMS)."""
+    'adam_kernel (fp16, fp32 master, fp32 states, Adam)': the instance in words (_TEMPLATE_PARAMS)."""
     name = re.sub(r"\(anonymous namespace\)::|mixprec::cuda::|mixprec::", "", demangled)
     name = re.sub(r"^void ", "", name)
     depth = 0
@@ -89,6 +93,8 @@ def _short_name(demangled: str) -> str:
     for param, value in zip(params, values):
         if param == "dtype":
             words.append(_DTYPE_WORDS.get(value, value))
+        elif isinstance(param, dict):
+            words.append(param.get(value, value))
         elif value not in ("true", "false"):
             words.append(f"{param}={value}")
         elif isinstance(param, tuple):

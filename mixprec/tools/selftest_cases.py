@@ -28,8 +28,6 @@ def adam_cases(device: str) -> list[Case]:
     for b in backends(device):
         for variant in testing.VARIANTS:
             for state in testing.STATES:
-                if not testing.backend_runs(b.name, variant, state):
-                    continue
                 new_mode = testing.is_issue12_mode(variant, state)
                 for seed, (shape, amsgrad, decoupled) in enumerate(problems[:2] if new_mode and device == "cpu"
                                                                    else problems):
