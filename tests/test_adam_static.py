@@ -1,8 +1,10 @@
 """Static checks of the Adam kernels' GPU code, without a GPU: the CUDA kernels of the built extension and the
 Triton kernel compiled ahead of time for the build's architectures (sm_80 and sm_90, csrc/build_settings.json) must
 not spill, and must use 16-byte accesses."""
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -49,15 +51,36 @@ def test_triton_adam_compiles_without_spills(cc, variant, tmp_path):
     assert "LDG.E.64" in sass and "STG.E.64" in sass
 
 
+def _cuda_adam_variants() -> int:
+    """The adam_kernel instances csrc/include/mixprec/adam_dispatch.h's adam_variant_exists allows: fp32 masters for
+    half params, remainders for bf16 params, SR for bf16 params without masters, amsgrad without int8 states; x
+    decoupled."""
+    n = 0
+    for dtype, master, state, amsgrad, sr in itertools.product(
+            ("fp32", "fp16", "bf16"), ("none", "fp32", "remainder"), ("fp32", "bf16", "int8"), (0, 1), (0, 1)):
+        master_ok = (master == "none" or (master == "fp32" and dtype != "fp32")
+                     or (master == "remainder" and dtype == "bf16"))
+        sr_ok = not sr or (dtype == "bf16" and master == "none")
+        n += master_ok and sr_ok and not (amsgrad and state == "int8")
+    return 2 * n
+
+
 @pytest.mark.skipif(not (_ext.available() and _ext.has_cuda_kernels()), reason="mixprec._C built without CUDA")
 @pytest.mark.parametrize("cc", ARCHS)
 def test_cuda_adam_kernels_without_spills(cc):
     # the adam_kernel templates (mangled "11adam_kernelI"), not count_steps_kernel from the same file
     kernels = {n: k for n, k in inspect_binary(_ext._C.__file__, cc).items() if "11adam_kernelI" in n}
-    # 6 (dtype, master, stochastic) combinations x amsgrad x decoupled
-    assert len(kernels) == 24, sorted(kernels)
+    assert len(kernels) == _cuda_adam_variants() == 70, sorted(kernels)
     for info in kernels.values():
-        assert not info.spills, info
+        assert not info.spills and info.registers <= 64, info  # 2 blocks of 512 threads per SM
     sass = subprocess.run([cuobjdump(), "-sass", "-arch", f"sm_{cc}", _ext._C.__file__], capture_output=True,
                           text=True, check=True).stdout
+    funcs = {m.group(1): body for m, body in zip(re.finditer(r"Function : (\S+)", sass),
+                                                  re.split(r"Function : \S+", sass)[1:])}
+    int8 = [body for name, body in funcs.items() if "11adam_kernelI" in name and "StateKindE2" in name]
+    assert len(int8) == 14
+    for body in int8:  # int8 codes in 8-byte accesses, the block absmax a warp reduction
+        assert "LDG.E.64" in body and "STG.E.64" in body and "REDUX.MAX" in body
     assert "LDG.E.128" in sass and "STG.E.128" in sass  # the 16-byte vector path exists
+    adam_sass = "\n".join(b for n, b in funcs.items() if "11adam_kernelI" in n)
+    assert not re.search(r"\bLD\.E|\bST\.E", adam_sass)  # global accesses, not generic ones
