@@ -159,6 +159,9 @@ def _worker(rank: int, init_file: str, out: str, quick: bool) -> None:
                                       f"{held['bf16 small']:.2f} B", **{**common, "work": moved}))
             with open(out, "w") as f:
                 json.dump(rows, f)
+        # note: both ranks tear down together: a rank that destroys its process group while the other still holds
+        # its gloo connections can die in teardown ("terminate called without an active exception", seen once)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
