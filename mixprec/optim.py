@@ -977,6 +977,12 @@ class FusedAdam(torch.optim.Optimizer):
                                  "fresh state with `del optimizer.state[param]`, or load state of its new shape)")
 
     def _check_sharded(self, group: dict, gi: int, i: int, p, g) -> None:
+        """The checks of a DTensor param and its grad, every step, before any state is made for it. The common
+        case -- a grad of the param's very mesh and placements (checked when the param's state was made), no
+        main_grad -- costs two comparisons; anything else takes the full checks, which name the param."""
+        if (type(g) is type(p) and g.device_mesh is p.device_mesh and g.placements == p.placements
+                and getattr(p, "main_grad", None) is None):
+            return
         name = f"{type(self).__name__}: {self._param_name(group, gi, i)}"
         distributed.check_grad(name, p, g)
         distributed.check_no_main_grad(name, p)
@@ -986,23 +992,27 @@ class FusedAdam(torch.optim.Optimizer):
         """(param, grad, state) of a DTensor param as this rank's local tensors, for the kernel. A DTensor state whose
         shard is not laid out like the param's shard is laid out again first, in the state itself (int8 codes of
         another memory order are quantized anew in the shard's blocks), so that the slower path (_fit_layouts),
-        which works on these views, never needs to change the state."""
-        lp = distributed.local(p)
+        which works on these views, never needs to change the state.
+        note: this runs for every sharded param every step (step() is under no_grad, so to_local() is the shard
+        itself): the common case, every state shard laid out like the param's, is one stride comparison each."""
+        lp = p.to_local()
+        views = {k: v.to_local() if isinstance(v, distributed.DTensor) else v for k, v in state.items()}
         strides = lp.stride()
-        if is_non_overlapping_and_dense(lp):
-            for codes_key, scales_key, signed in _INT8_KEYS.values():
-                codes = state.get(codes_key)
-                if codes is not None and not _same_order(distributed.local(codes), strides):
-                    value = distributed.on_shards(dequantize_blockwise, codes, state[scales_key], like=p)
-                    value = distributed.on_shards(lambda t: _laid_out(t, strides)[0], value, like=p)
-                    state[codes_key], state[scales_key] = distributed.on_shards(
-                        lambda t: quantize_blockwise(t, signed=signed), value, like=p)
-            for key in _SHAPED_STATE:
-                t = state.get(key)
-                if t is not None and distributed.local(t).stride() != strides:
-                    state[key] = distributed.on_shards(lambda x: _laid_out(x, strides)[0], t, like=p)
-        views = {k: distributed.local(v) for k, v in state.items()}
-        return lp, distributed.local(g), views
+        if all(views[k].stride() == strides for k in _SHAPED_STATE if k in views) or \
+                not is_non_overlapping_and_dense(lp):
+            return lp, g.to_local(), views
+        for codes_key, scales_key, signed in _INT8_KEYS.values():
+            codes = state.get(codes_key)
+            if codes is not None and not _same_order(views[codes_key], strides):
+                value = distributed.on_shards(dequantize_blockwise, codes, state[scales_key], like=p)
+                value = distributed.on_shards(lambda t: _laid_out(t, strides)[0], value, like=p)
+                state[codes_key], state[scales_key] = distributed.on_shards(
+                    lambda t: quantize_blockwise(t, signed=signed), value, like=p)
+        for key in _SHAPED_STATE:
+            t = state.get(key)
+            if t is not None and distributed.local(t).stride() != strides:
+                state[key] = distributed.on_shards(lambda x: _laid_out(x, strides)[0], t, like=p)
+        return lp, g.to_local(), {k: distributed.local(v) for k, v in state.items()}
 
     @torch.no_grad()
     def step(self, closure=None):
