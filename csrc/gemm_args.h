@@ -1,5 +1,7 @@
 // Argument checks of matmul / matmul_accumulate_, shared by their CPU and CUDA implementations.
 #pragma once
+#include <ATen/MemoryOverlap.h>
+
 #include <optional>
 
 #include "torch_utils.h"
@@ -49,6 +51,11 @@ inline void check_accumulate_args(const at::Tensor& c, const at::Tensor& a, cons
   TORCH_CHECK(c.device() == a.device(), "c must be on a's device ", a.device(), ", got ", c.device());
   TORCH_CHECK(c.sizes() == at::IntArrayRef(matmul_out_shape(a, b)), "c must have shape a.shape[:-1] + [N] = ",
               at::IntArrayRef(matmul_out_shape(a, b)), ", got ", c.sizes());
+  // the Python op decides every layout exactly (mixprec/ops/gemm.py); a direct torch.ops call gets at least
+  // the certain cases (an expanded c): several products would be added into one element
+  TORCH_CHECK(at::has_internal_overlap(c) != at::MemOverlap::Yes, "c has elements that share memory (shape ",
+              c.sizes(), ", strides ", c.strides(), ", e.g. an expanded view): each output element needs its own "
+              "address; pass c.clone() and read the result from it");
 }
 
 }  // namespace mixprec

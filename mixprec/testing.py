@@ -116,8 +116,8 @@ ADAM_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_av
               "param_remainders", "exp_avg_scales", "exp_avg_sq_scales")
 
 
-def is_issue12_mode(variant: str, state: str = "fp32") -> bool:
-    """Whether the mode needs issue #12's kernels (remainder masters, bf16 or int8 states)."""
+def is_compact_mode(variant: str, state: str = "fp32") -> bool:
+    """Whether the mode stores fewer bytes than fp32 state: remainder masters, bf16 or int8 states."""
     return VARIANTS[variant].master == "remainder" or state != "fp32"
 
 

@@ -323,6 +323,20 @@ def test_accumulate_refuses_self_overlapping_c(kind, backend):
     assert torch.equal(c, before)
 
 
+@pytest.mark.skipif(not _ext.available(), reason="needs the mixprec._C extension")
+@pytest.mark.parametrize("kind", ["rows alias (stride 0)", "columns alias (stride 0)"])
+def test_accumulate_op_refuses_expanded_c(kind):
+    """The extension's own check, for a direct torch.ops.mixprec.matmul_accumulate_ call (which skips the Python
+    checks): an expanded c is refused before anything is written."""
+    gen = torch.Generator().manual_seed(17)
+    a, b = make((9, 16), torch.float16, gen), make((16, 5), torch.float16, gen)
+    c = _self_overlapping_outputs((9, 5))[kind]
+    before = c.clone()
+    with pytest.raises(RuntimeError, match="c has elements that share memory"):
+        torch.ops.mixprec.matmul_accumulate_(c, a, b)
+    assert torch.equal(c, before)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_accumulate_takes_non_overlapping_c_of_unusual_strides(backend):
     """A c whose sorted strides do not nest (sizes (2, 3), strides (3, 2): offsets 0 2 4 3 5 7) still writes each

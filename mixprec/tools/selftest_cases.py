@@ -19,17 +19,17 @@ from mixprec.tools.selftest import Case, backends
 def adam_cases(device: str) -> list[Case]:
     """`python -m mixprec selftest` checks of adam_step_: every backend on `device` and every mode (param / master
     variant x state kind: fp32, bf16, int8 block-wise), bit for bit against mixprec.reference (odd sizes, several
-    blocks, amsgrad where the state allows it, both decays), then the skipped step. Modes a backend does not run yet
-    are left out (the extension's issue #12 modes until it is rebuilt with them). On the CPU the new modes skip the
-    largest problem: the interpreter is slow, and the sizes below already cover partial blocks."""
+    blocks, amsgrad where the state allows it, both decays), then the skipped step. On the CPU the compact modes
+    (remainder masters, bf16 and int8 states) skip the largest problem: the Triton interpreter is slow on them, and
+    the smaller sizes already cover partial blocks."""
 
     problems = [((129,), False, False), ((1000, 7), True, True), ((70001,), False, True)]
     cases = []
     for b in backends(device):
         for variant in testing.VARIANTS:
             for state in testing.STATES:
-                new_mode = testing.is_issue12_mode(variant, state)
-                for seed, (shape, amsgrad, decoupled) in enumerate(problems[:2] if new_mode and device == "cpu"
+                compact = testing.is_compact_mode(variant, state)
+                for seed, (shape, amsgrad, decoupled) in enumerate(problems[:2] if compact and device == "cpu"
                                                                    else problems):
                     amsgrad = amsgrad and state != "int8"
                     check = functools.partial(_check_adam, b.name, variant, state, shape, amsgrad, decoupled, device,
