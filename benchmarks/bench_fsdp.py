@@ -15,8 +15,9 @@ started on both ranks at once (one core each) and counted as its slower rank too
   per param moved, against torch's fused AdamW on fp32 shards (the same bytes: torch's own way to this job);
 - bf16 shards with remainder masters and int8 moments (issue #12's smallest mode with exact masters): its own
   bytes moved (step_traffic), same peer.
-GB/s: the 28 bytes per param of this rank's shard over the median time; the ceiling is mixprec's streaming kernel
-with Adam's arrays at the shard's size, timed in the same rounds (benchmarks/ceiling.py). The notes give the
+GB/s: the bytes of this rank's shard that the step moves (mixprec.optim.step_traffic) over the median time; each
+row's ceiling is mixprec's streaming kernel over arrays of the sizes and in-place pattern of that row's step on this
+rank (step_traffic(per_array=True)), timed in the same rounds (benchmarks/ceiling.py). The notes give the
 bytes each rank holds per param of the model (its params and optimizer state; not the grads, which FSDP2 frees
 or keeps alike for both). CUDA: no rows (the 2-rank run here is gloo on the CPU).
 """
@@ -35,7 +36,6 @@ from mixprec.benchmarks.rows import row, run_on_device
 
 OP = "FSDP2 AdamW step (2 ranks)"
 WORLD = 2
-BYTES_PER_PARAM = 28
 TORCH = "torch.optim.AdamW(fused=True) on the DTensors"
 
 
@@ -100,7 +100,7 @@ def _worker(rank: int, init_file: str, out: str, quick: bool) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from mixprec.benchmarks.bench_adam import adam_stream_layout, gpt2_shapes
+    from mixprec.benchmarks.bench_adam import gpt2_shapes
     from mixprec.benchmarks.ceiling import cpu_stream, gbps
     from mixprec.optim import FusedAdamW, step_traffic
 
@@ -128,35 +128,44 @@ def _worker(rank: int, init_file: str, out: str, quick: bool) -> None:
 
         contenders = {name: (lambda i, o=o: o.step()) for name, o in opts.items() if name != "torch clip"}
         contenders["torch clip"] = torch_clipped
-        contenders["ceiling"] = cpu_stream(14 * local_n, 14 * local_n, arrays=adam_stream_layout(local_n))
+        for name in ("fp32", "bf16", "bf16 small"):  # (clip moves what fp32 moves, in its kernel pass)
+            arrays = step_traffic(opts[name], per_array=True)
+            contenders[f"ceiling {name}"] = cpu_stream(sum(r for r, _ in arrays), sum(w for _, w in arrays),
+                                                       arrays=arrays)
         timings = _measure_in_step(contenders, repeats)
         held = {name: _held_bytes(params, opts[name]) / n for name, params in
                 (("fp32", ours32), ("torch fp32", torch32), ("bf16", ours16),
                  ("bf16 small", ours_small))}
         if rank == 0:
-            work = BYTES_PER_PARAM * local_n
-            ceiling = gbps(work, timings["ceiling"])
+            work = {name: step_traffic(opts[name]) for name in ("fp32", "bf16", "bf16 small")}
+            ceiling = {name: gbps(w, timings[f"ceiling {name}"]) for name, w in work.items()}
             shape = f"GPT-2 {width}-wide, {blocks} blocks: {n / 1e6:.1f}M params, {local_n / 1e6:.2f}M per rank"
             ranks = "times: each call's slowest rank (the calls start together on both ranks)"
             held_note = (f"held per rank (params + optimizer state) per param of the model: ours fp32 "
                          f"{held['fp32']:.2f} B, torch fp32 {held['torch fp32']:.2f} B, ours bf16 + fp32 masters "
                          f"{held['bf16']:.2f} B")
-            common = dict(op=OP, backend="cpu", device="cpu", shape=shape, unit="GB/s", work=work, ceiling=ceiling)
+            common = dict(op=OP, backend="cpu", device="cpu", shape=shape, unit="GB/s")
+
+            def judged(name: str) -> dict:
+                return {"work": work[name], "ceiling": ceiling[name]}
+
             rows = [
                 row(dtype="float32 shards", timing=timings["fp32"], peers={TORCH: timings["torch fp32"]},
-                    notes=f"FusedAdamW.step() on DTensor params; {held_note}; {ranks}", **common),
+                    notes=f"FusedAdamW.step() on DTensor params; {held_note}; {ranks}", **common, **judged("fp32")),
                 row(dtype="float32 shards, clip 1.0", timing=timings["clip"],
                     peers={f"clip_grad_norm_ + {TORCH}": timings["torch clip"]},
-                    notes="FusedAdamW(max_grad_norm=1.0): global norm from one pass + one all-reduce", **common),
+                    notes="FusedAdamW(max_grad_norm=1.0): global norm from one pass + one all-reduce; GB/s: the "
+                          "kernel pass's bytes (the norm pass reads the grads once more)", **common, **judged("fp32")),
                 row(dtype="bfloat16 shards + fp32 masters", timing=timings["bf16"],
                     peers={f"{TORCH} (fp32 shards)": timings["torch fp32"]},
-                    notes="FusedAdamW.step(): bf16 params, fp32 masters per shard, 28 B per param", **common),
+                    notes="FusedAdamW.step(): bf16 params, fp32 masters per shard", **common, **judged("bf16")),
+                row(dtype="bfloat16 shards, remainder masters + int8 moments", timing=timings["bf16 small"],
+                    peers={f"{TORCH} (fp32 shards)": timings["torch fp32"]},
+                    notes=f"held per rank per param of the model: {held['bf16 small']:.2f} B", **common,
+                    **judged("bf16 small")),
             ]
-            moved = step_traffic(opts["bf16 small"])
-            rows.append(row(dtype="bfloat16 shards, remainder masters + int8 moments", timing=timings["bf16 small"],
-                                peers={f"{TORCH} (fp32 shards)": timings["torch fp32"]},
-                                notes=f"{moved / local_n:.2f} B per param moved; held per rank per param of the model: "
-                                      f"{held['bf16 small']:.2f} B", **{**common, "work": moved}))
+            for r, name in zip(rows, ("fp32", "fp32", "bf16", "bf16 small")):
+                r["notes"] += f"; {work[name] / local_n:.2f} B per param moved"
             with open(out, "w") as f:
                 json.dump(rows, f)
         # note: both ranks tear down together: a rank that destroys its process group while the other still holds
