@@ -518,7 +518,7 @@ class FusedAdam(torch.optim.Optimizer):
                     pending.append((p, "split", held_master))
                 else:  # the master is the param
                     state["param_remainder"] = remainder.zero_()
-        elif loaded:  # a param without master weights: a loaded master has no use
+        else:  # a param without master weights: a held master has no use (and would be stale if kept)
             state.pop("master_param", None)
             state.pop("param_remainder", None)
         return pending
@@ -929,11 +929,12 @@ class FusedAdam(torch.optim.Optimizer):
         coef = _grad_norm.clip_coef(norm, self.max_grad_norm)
         return {device: coef.to(device) for device in grads_by_device}
 
-    def _fit_layouts(self, group: dict, gi: int, i: int, p: torch.Tensor, g: torch.Tensor, state: dict,
+    def _fit_layouts(self, group: dict, gi: int, i: int, p: torch.Tensor, g: torch.Tensor, state: dict, kind: str,
                      copy_back: list) -> tuple:
-        """The slower path of one param whose grad or state is not laid out like it (see the module docstring):
-        checks, lays the state out again where needed, and returns the (param, grad) the kernel runs on; a
-        staged param is added to copy_back as (param, buffer)."""
+        """The slower path of one param whose grad or state is not laid out like it, or whose grad is not like it
+        (see the module docstring): checks, lays the state out again where needed, and returns the (param, grad) the
+        kernel runs on; a staged param is added to copy_back as (param, buffer). kind: the param's state kind, as
+        step() chose it (from the whole param: p may be a DTensor's local shard here)."""
         name = f"{type(self).__name__}: {self._param_name(group, gi, i)}"
         if g.layout is not _STRIDED:
             raise RuntimeError(f"{name} has a sparse gradient; sparse gradients are not supported (use "
@@ -942,9 +943,12 @@ class FusedAdam(torch.optim.Optimizer):
             raise RuntimeError(f"{name}: the gradient is on {g.device}, the parameter on {p.device}")
         if g.shape != p.shape:
             raise RuntimeError(f"{name} has shape {tuple(p.shape)}, its gradient {tuple(g.shape)}")
+        if g.dtype != p.dtype:
+            raise RuntimeError(f"{name} is {p.dtype}, its gradient {g.dtype}: they must match (as torch.optim.AdamW "
+                               "requires); after a cast of the param (p.data = ...), cast or clear its .grad too")
         self._check_state_shapes(group, gi, i, p, state)
         self._check_param(group, gi, i, p)
-        exp_avg = state[_STATE_KEYS[_kinds(group, p)[1]][0]]
+        exp_avg = state[_STATE_KEYS[kind][0]]
         if is_non_overlapping_and_dense(p):
             strides = p.stride()  # the state follows the param, once
         elif is_non_overlapping_and_dense(exp_avg):
@@ -1040,6 +1044,9 @@ class FusedAdam(torch.optim.Optimizer):
         scaled_grads: dict = {}
         states = self.state
         for gi, group in enumerate(self.param_groups):
+            # every group's options again (a scheduler or a user may have set them), all before the first kernel
+            # runs: a bad value in a later group refuses the whole step instead of leaving the earlier ones updated
+            self._check_options(group, f"param_groups[{gi}]: ")
             amsgrad = group["amsgrad"]
             buckets: dict = {}
             copy_backs: dict = {}  # per bucket: the staged params to copy back after its call
@@ -1055,8 +1062,11 @@ class FusedAdam(torch.optim.Optimizer):
                     self._check_sharded(group, gi, i, p, g)
                 state = states.get(p)
                 exp_avg = state.get(m_key) if state else None
+                # (a master held for a param that has none now -- the group's master_weights or the param's dtype
+                # changed -- is dropped: kept, it would come back stale if the master kind came back)
                 if (exp_avg is None or exp_avg.dtype is not m_dtype or (amsgrad and "max_exp_avg_sq" not in state)
-                        or (master_key is not None and master_key not in state)):
+                        or (master_key not in state if master_key is not None
+                            else "master_param" in state or "param_remainder" in state)):
                     if state:
                         self._check_state_shapes(group, gi, i, p, state)
                     self._check_param(group, gi, i, p)
@@ -1070,10 +1080,10 @@ class FusedAdam(torch.optim.Optimizer):
                 key = (p.device, master, kind)
                 strides = p.stride()
                 if g.layout is _STRIDED and strides == exp_avg.stride() and g.stride() == strides and \
-                        p.shape == exp_avg.shape:
+                        p.shape == exp_avg.shape and g.dtype is p.dtype and g.device == p.device:
                     run_p, run_g = p, g
                 else:
-                    run_p, run_g = self._fit_layouts(group, gi, i, p, g, state, copy_backs.setdefault(key, []))
+                    run_p, run_g = self._fit_layouts(group, gi, i, p, g, state, kind, copy_backs.setdefault(key, []))
                     exp_avg = state[m_key]
                 b = buckets.get(key)
                 if b is None:

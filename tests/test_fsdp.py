@@ -380,6 +380,29 @@ def _scenario_refusals(rank: int) -> dict:
     return out
 
 
+def _scenario_int8_small_shard_odd_grad(rank: int) -> dict:
+    """An int8-state param whose shards are under INT8_MIN_NUMEL (80 x 80 = 6400 elements, 3200 per rank: int8 is
+    chosen from the whole param) stepped with a grad whose shard is laid out column-major (the slower path, which
+    stages it): the step runs, and equals the step with a contiguous grad bit for bit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(5)
+    value, grad = torch.randn(80, 80, generator=gen).to(torch.bfloat16), torch.randn(80, 80, generator=gen)
+    out = {}
+    for layout in ("contiguous", "column-major"):
+        p = nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)]))
+        local = distribute_tensor(grad.to(torch.bfloat16), mesh, [Shard(0)]).to_local()
+        if layout == "column-major":
+            local = local.t().contiguous().t()
+        p.grad = DTensor.from_local(local, mesh, [Shard(0)], shape=p.shape, stride=p.stride())
+        optimizer = FusedAdamW([p], lr=LR, master_weights="remainder", state_dtype="int8")
+        optimizer.step()
+        out[layout] = {"param": p.to_local().clone(), "codes": "exp_avg_codes" in optimizer.state[p]}
+    return out
+
+
 def _scenario_mixprec_linear(rank: int) -> dict:
     """How many of the model's 6 projections run mixprec's GEMM (mixprec.functional.linear) in one forward of each
     sharded setup: all of them, on the params FSDP2 all-gathers (bf16 in both setups)."""
@@ -538,6 +561,7 @@ def _worker(rank: int, init_file: str, out_dir: str, ckpt1: str, ckpt2: str) -> 
         "ddp": lambda: _scenario_ddp(rank),
         "mixprec_linear": lambda: _scenario_mixprec_linear(rank),
         "state_sharding": lambda: _scenario_state_sharding(rank),
+        "int8_small_shard_odd_grad": lambda: _scenario_int8_small_shard_odd_grad(rank),
         **{"mode_" + m: (lambda m=m: _run("bf16_params", True, rank, WORLD, **MODES[m])) for m in MODES},
         "dcp_int8": lambda: _scenario_dcp_int8(rank, out_dir),
         "hsdp_mesh": lambda: _scenario_hsdp_mesh(rank),
@@ -760,6 +784,13 @@ def test_hsdp_placements_on_a_2d_mesh(runs):
     for r, res in enumerate(_result(ranks, "hsdp_mesh")):
         assert res["placements"] == ["(Replicate(), Shard(dim=0))"], res["placements"]
         _assert_params(res["params"], single["fp32_policy_bf16"]["params"], f"rank {r}")
+
+
+def test_int8_state_of_small_shards_takes_the_slower_path(runs):
+    _, ranks = runs
+    for r, res in enumerate(_result(ranks, "int8_small_shard_odd_grad")):
+        assert res["contiguous"]["codes"] and res["column-major"]["codes"], f"rank {r}: int8 chosen from the param"
+        assert_bitwise_equal(res["column-major"]["param"], res["contiguous"]["param"], f"rank {r}")
 
 
 def test_refusals_name_the_param_and_the_placement(runs):

@@ -724,6 +724,66 @@ def test_changing_a_groups_mode_converts_its_state():
         assert ("exp_avg_codes" in state) == (p.numel() >= INT8_MIN_NUMEL)
 
 
+@pytest.mark.parametrize("master", [True, "remainder"])
+def test_masters_dropped_while_a_group_has_none_come_back_fresh(master):
+    """master_weights True (or "remainder") -> False -> back: while the group has no masters the params are
+    updated in place; when masters come back they are made from the params as they are then, not from the master
+    held before (which would silently undo the steps in between). A twin that went without masters and then
+    switched once tracks it bit for bit."""
+    params, twin = make_params(), make_params()
+    opt = FusedAdamW(params, lr=1e-2, backend="reference", master_weights=master)
+    twin_opt = FusedAdamW(twin, lr=1e-2, backend="reference", master_weights=master)
+    gen = torch.Generator().manual_seed(23)
+    feed([params, twin], gen)
+    opt.step()
+    twin_opt.step()
+    for o in (opt, twin_opt):
+        o.param_groups[0]["master_weights"] = False
+    for _ in range(3):
+        feed([params, twin], gen)
+        opt.step()
+        twin_opt.step()
+    for p in params:
+        assert "master_param" not in opt.state[p] and "param_remainder" not in opt.state[p]
+    assert opt.state_bytes() == twin_opt.state_bytes()
+    opt.param_groups[0]["master_weights"] = master
+    # the twin takes its masters from a state without any: what the switch back must be equal to
+    twin_opt.param_groups[0]["master_weights"] = master
+    before = [p.detach().clone() for p in params]
+    feed([params, twin], gen)
+    opt.step()
+    twin_opt.step()
+    for i, (p, q, b) in enumerate(zip(params, twin, before)):
+        assert_bitwise_equal(p.detach(), q.detach(), f"param {i} after masters came back")
+        assert not torch.equal(p.detach(), b), f"param {i} did not move"
+
+
+def test_a_refused_later_group_leaves_every_group_unchanged():
+    """A step whose second group cannot run (a grad of another dtype; a NaN lr set by hand) raises naming that
+    group's param, before any kernel runs: the first group's params, moments and step counts are untouched, so the
+    step can be retried once the cause is fixed."""
+    a, b = make_params(seed=1), make_params(seed=2)
+    opt = FusedAdamW([{"params": a}, {"params": b}], lr=1e-2, backend="reference")
+    gen = torch.Generator().manual_seed(24)
+    feed([a], gen)
+    feed([b], gen)
+    opt.step()
+    snapshot = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in a]
+    feed([a], gen)
+    feed([b], gen)
+    b[1].data = b[1].data.float()  # a param cast in place, its bf16 grad left as it was
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[1\].*gradient torch.bfloat16"):
+        opt.step()
+    b[1].grad = None
+    opt.param_groups[1]["lr"] = float("nan")
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: Invalid learning rate"):
+        opt.step()
+    for i, (p, (value, state)) in enumerate(zip(a, snapshot)):
+        assert_bitwise_equal(p.detach(), value, f"group 0 param {i}")
+        for k, v in state.items():
+            assert_bitwise_equal(opt.state[p][k], v, f"group 0 param {i} {k}")
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_int8_state_follows_a_memory_format_change(backend):
     """model.to(memory_format=torch.channels_last) after int8 state was made: the blocks are runs of memory
