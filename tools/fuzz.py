@@ -89,11 +89,13 @@ def run_target(target: str, examples: int, seed: int, backends: tuple, timeout: 
             env.pop("MIXPREC_FUZZ_ABORT_AT", None)  # the self-test aborts the first worker only
         with tempfile.NamedTemporaryFile("w+", suffix=".jsonl", delete=False) as f:
             log_path = f.name
+        # the worker's stderr goes to a file, not a pipe: a pipe read only after the worker exits fills up (~64 KB
+        # of warnings) and blocks the worker, a false hang mid-case or a run that never ends between cases
+        err_file = tempfile.TemporaryFile("w+")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", target, "--examples",
                str(examples - len(records)), "--seed", str(seed + 1000003 * restarts), "--backends",
                ",".join(backends), "--log", log_path]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
         pos, pending, last, done = 0, None, time.monotonic(), False
         hung = False
         while True:
@@ -122,7 +124,9 @@ def run_target(target: str, examples: int, seed: int, backends: tuple, timeout: 
                 hung = True
                 break
             time.sleep(0.05)
-        stderr = proc.stderr.read() if proc.stderr else ""
+        err_file.seek(0)
+        stderr = err_file.read()
+        err_file.close()
         os.unlink(log_path)
         if pending is not None:  # the case the worker was running when it died or hung
             why = f"hang: no result after {timeout:.0f} s" if hung else _death(proc.returncode, stderr)
