@@ -290,7 +290,6 @@ class FusedAdam(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True
     _always_decoupled = False
-    _mixprec_dtensor_support = True  # DTensor params (FSDP2): see the module docstring and mixprec.distributed
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,

@@ -56,10 +56,9 @@ needs one dtype per unit), each block (the children of every nn.ModuleList) and 
 fp32 masters per shard. functools.partial(shard_blocks, mesh=...) picks the mesh (a 2-D mesh: HSDP). The other
 FSDP2 setup keeps fp32 params and lets FSDP2 cast: swap_projections(model), then
 shard_blocks(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)),
-then mixprec.optim.FusedAdamW(model.parameters()) (a plain fp32 fused Adam on the shards). Optimizer and scaler
-classes are checked with check_dtensor_support: mixprec's classes that cannot take DTensors are refused with a
-NotImplementedError naming them, not left to fail inside a kernel, and every sharded param's placement with
-mixprec.distributed.check_placements.
+then mixprec.optim.FusedAdamW(model.parameters()) (a plain fp32 fused Adam on the shards). Every sharded param's
+placement is checked with mixprec.distributed.check_placements (FusedAdam/W and GradScaler run their kernels on
+the local shards).
 """
 from __future__ import annotations
 
@@ -147,24 +146,6 @@ def _keeps_fp32(module: nn.Module, keep_fp32: tuple) -> bool:
     return any(isinstance(module, k) if isinstance(k, type) else k(module) for k in keep_fp32)
 
 
-def check_dtensor_support(cls: type, params) -> None:
-    """Raises NotImplementedError when `params` hold DTensors and `cls` (an optimizer or GradScaler class) is
-    mixprec's and does not declare DTensor support (a true ``_mixprec_dtensor_support`` class attribute: it runs
-    its kernels on the local shards through mixprec.distributed).
-
-    Why: mixprec's kernels are custom ops (torch.ops.mixprec.*), and DTensor refuses any op without a
-    sharding rule ("does not have a sharding strategy registered"). Classes from outside mixprec
-    (torch.optim.AdamW, torch.amp.GradScaler) run torch ops, which DTensor handles."""
-    if not cls.__module__.startswith("mixprec.") or getattr(cls, "_mixprec_dtensor_support", False):
-        return
-    if any(distributed.is_dtensor(p) for p in params):
-        raise NotImplementedError(
-            f"{cls.__module__}.{cls.__qualname__} does not support FSDP2 (fully_shard) / DTensor parameters: its "
-            f"fused kernels are custom ops with no DTensor sharding rule. Shard with DDP instead, or use "
-            f"optimizer_class=torch.optim.AdamW with fully_shard(mp_policy=MixedPrecisionPolicy(...)) on fp32 "
-            f"parameters")
-
-
 def swap_projections(model: nn.Module) -> nn.Module:
     """nn.Linear (exactly) -> mixprec.nn.Linear and transformers-style Conv1D -> mixprec.nn.Conv1D, in place, with
     nothing cast (convert's swap_linear step on its own, e.g. for fp32 params that FSDP2's MixedPrecisionPolicy
@@ -235,9 +216,8 @@ def prepare(model: nn.Module, optimizer_class: type[torch.optim.Optimizer] | Non
     scaler_kwargs: GradScaler arguments over default_scaler_kwargs(dtype).
     shard: optional callable applied to the converted model before the optimizer is built, e.g.
         mixprec.distributed.shard_blocks (FSDP2 block by block, see the module docstring) or
-        `lambda m: fully_shard(m)` (it may return the model or None). The optimizer and scaler classes are then
-        checked with check_dtensor_support, and the sharded params' placements with
-        mixprec.distributed.check_placements (ValueError naming the parameter).
+        `lambda m: fully_shard(m)` (it may return the model or None). The sharded params' placements are then
+        checked with mixprec.distributed.check_placements (ValueError naming the parameter).
     """
     if optimizer_class is None:
         optimizer_class = FusedAdamW
@@ -254,8 +234,6 @@ def prepare(model: nn.Module, optimizer_class: type[torch.optim.Optimizer] | Non
     devices = {p.device for p in params}
     if len(devices) != 1:
         raise ValueError(f"model must have its parameters on one device, got {sorted(map(str, devices))}")
-    for cls in (optimizer_class, GradScaler):
-        check_dtensor_support(cls, params)
     optimizer = optimizer_class(params, **(optimizer_kwargs or {}))
     kwargs = {"device": devices.pop().type, **default_scaler_kwargs(dtype), **(scaler_kwargs or {})}
     scaler = GradScaler(**kwargs)

@@ -132,8 +132,6 @@ class GradScaler(torch.amp.GradScaler):
     optimizer.step(). get_scale, state_dict, history, skipped_steps and overflow_report read on request.
     """
 
-    _mixprec_dtensor_support = True  # sharded (DTensor) grads: see mixprec.distributed
-
     def __init__(self, device: str = "cuda", init_scale: float = 2.0**16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000, enabled: bool = True, *,
                  hysteresis: int = 1, consecutive_hysteresis: bool = True, min_scale: float | None = None,
