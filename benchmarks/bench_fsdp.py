@@ -13,7 +13,7 @@ started on both ranks at once (one core each) and counted as its slower rank too
   the DTensor grads followed by the fused step;
 - bf16 shards with fp32 masters (the model cast before fully_shard: half the all-gather bytes): FusedAdamW, 28 B
   per param moved, against torch's fused AdamW on fp32 shards (the same bytes: torch's own way to this job);
-- bf16 shards with remainder masters and int8 moments (issue #12's smallest mode with exact masters): its own
+- bf16 shards with remainder masters and int8 moments (the smallest mode with exact masters): its own
   bytes moved (step_traffic), same peer.
 GB/s: the bytes of this rank's shard that the step moves (mixprec.optim.step_traffic) over the median time; each
 row's ceiling is mixprec's streaming kernel over arrays of the sizes and in-place pattern of that row's step on this

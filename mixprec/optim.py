@@ -58,9 +58,12 @@ Refused, naming the parameter: complex or non-float params, params whose element
 param listed twice, sparse grads, and a param resized after its state was made.
 
 Stochastic rounding: bf16 params with master_weights=False, stochastic_rounding=True are updated in fp32
-registers and stored with stochastic rounding, reproducibly from `seed`, the param's position and the step.
+registers and stored with stochastic rounding, reproducibly from `seed` (mixed with the group's index), the step
+and the param's position in its kernel call: among the params of its group (and device) that have a grad at that
+step. A param without a grad at some step shifts the positions of the ones after it, so two runs draw the same
+bits when the same params have grads.
 
-Fewer bytes per parameter (issue #12): two options per param group, ``master_weights`` and ``state_dtype``,
+Fewer bytes per parameter: two options per param group, ``master_weights`` and ``state_dtype``,
 combine freely (but "remainder" with stochastic rounding, which is for params without masters, and amsgrad with
 "int8"); every combination is one pass of the same kernel, with loss-scale unscaling, overflow skipping and
 clipping inside it. Bytes per param, AdamW on bf16 params (fp16 params alike, but "remainder"; steps aside;
@@ -91,10 +94,12 @@ amsgrad adds one tensor of v's dtype, read and written):
   with master_weights=True.
 - state_dtype=torch.bfloat16: m and v (and max_exp_avg_sq) stored in bf16, rounded to nearest even after each
   update (the update itself runs on the fp32 values it computed).
-- state_dtype="int8": block-wise 8-bit moments as in bitsandbytes and torchao: blocks of 256 elements in memory
-  order, one fp32 absmax scale per block and moment, a dynamic 8-bit float map (signed for m, unsigned for v;
-  mixprec.reference.quantize_blockwise); quantized and dequantized inside the pass. Tensors of fewer than 4096
-  elements keep fp32 moments (bitsandbytes' rule: they are few bytes, and blocks would be a large part of them).
+- state_dtype="int8": block-wise 8-bit moments: blocks of 256 elements in memory order and one fp32 absmax scale
+  per block and moment, as in bitsandbytes and torchao, but mixprec's own code map, a closed-form 8-bit float with
+  3 mantissa bits (m: int8, signed, 16 binades; v: uint8, 32 binades; mixprec.reference.quantize_blockwise), whose
+  codes every backend computes with integer operations (so the codes are not bitsandbytes' dynamic-map codes);
+  quantized and dequantized inside the pass. Tensors of fewer than 4096 elements keep fp32 moments (bitsandbytes'
+  rule: they are few bytes, and blocks would be a large part of them).
   amsgrad is refused with "int8" at construction.
 
 State keys: "step"; "exp_avg", "exp_avg_sq", "max_exp_avg_sq" in fp32 or bf16 (torch's keys: a bf16 moment is
@@ -148,6 +153,7 @@ from mixprec.reference import (
     INT8_BLOCK,
     codes_dtype,
     dequantize_blockwise,
+    int8_blocks,
     quantize_blockwise,
     remainder_join,
     remainder_split,
@@ -224,15 +230,15 @@ def _keep_where_rounds_to(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Ten
     return torch.where(fine.to(coarse.dtype) == coarse, fine, coarse.to(fine.dtype))
 
 
-def _blocks(numel: int) -> int:
-    """The number of int8 quantization blocks (block scales) of a tensor of numel elements."""
-    return -(-numel // INT8_BLOCK)
-
-
 def _same_order(t: torch.Tensor, strides: tuple) -> bool:
     """Whether t laid out with `strides` keeps its elements in the same memory order (strides differing only on
     dims of size 1, which never step); the int8 blocks are runs of that order."""
     return t.numel() <= 1 or all(a == b or n == 1 for n, a, b in zip(t.shape, t.stride(), strides))
+
+
+def _state_strides(p: torch.Tensor) -> tuple:
+    """The strides of the state tensors made for plain tensor p (_new_state_tensor's), without allocating them."""
+    return torch.empty_like(p, device="meta", memory_format=torch.preserve_format).stride()
 
 
 def _contiguous_strides(shape) -> tuple:
@@ -548,7 +554,7 @@ class FusedAdam(torch.optim.Optimizer):
         if int8:
             if value is None:
                 codes = self._new_state_tensor(p, codes_dtype(signed)).zero_()
-                scales = torch.zeros(_blocks(distributed.local_numel(p)), dtype=_F32, device=p.device)
+                scales = torch.zeros(int8_blocks(distributed.local_numel(p)), dtype=_F32, device=p.device)
             else:  # quantized in p's layout: the blocks are runs of p's memory order (of its shard's, for a DTensor)
                 dense = distributed.copy_into(self._new_state_tensor(p), value)
                 codes, scales = distributed.on_shards(lambda t: quantize_blockwise(t, signed=signed), dense, like=p)
@@ -763,10 +769,6 @@ class FusedAdam(torch.optim.Optimizer):
             group["params"] = live["params"]
             if "param_names" in live and "param_names" not in group:
                 group["param_names"] = live["param_names"]
-            if group["amsgrad"] and group["state_dtype"] == "int8":
-                raise ValueError(f"param_groups[{len(groups)}]: the loaded state dict has amsgrad=True, which is not "
-                                 "supported with this optimizer's state_dtype='int8' (use torch.bfloat16 or "
-                                 "torch.float32 states)")
             self._check_options(group, f"loaded param_groups[{len(groups)}]: ")
             groups.append(group)
         saved_state = state_dict["state"]
@@ -826,11 +828,11 @@ class FusedAdam(torch.optim.Optimizer):
                                      "of shards cannot be resharded (FusedAdam/W's state_dict() gives a DTensor "
                                      "param's int8 moments dequantized)")
                 state[key] = dequantize_blockwise(state.pop(codes_key), state.pop(scales_key))
-            elif codes is not None and not _same_order(codes, self._new_state_tensor(p).stride()):
+            elif codes is not None and not _same_order(codes, _state_strides(p)):
                 # saved from a param of another memory order: its blocks are not p's; requantized in p's layout
                 state[key] = dequantize_blockwise(state.pop(codes_key), state.pop(scales_key))
             elif codes is not None:
-                state[codes_key] = _laid_out(codes, self._new_state_tensor(p).stride())[0]
+                state[codes_key] = _laid_out(codes, _state_strides(p))[0]
         master, _ = _kinds(group, p)
         live_master = live.get("master_param")
         if (master == "fp32" and "master_param" not in state and "param_remainder" not in state
@@ -855,9 +857,9 @@ class FusedAdam(torch.optim.Optimizer):
             # a whole tensor (an unsharded state dict) or a DTensor of another sharding: this rank's shard of it,
             # as a DTensor like p, so that what follows sees the live state's kind of tensor
             value = distributed.copy_into(self._new_state_tensor(p, value.dtype), value)
-        if scales and value.shape != (_blocks(p.numel()),):
+        if scales and value.shape != (int8_blocks(p.numel()),):
             raise ValueError(f"{name}: the loaded state '{key}' has shape {tuple(value.shape)}, but a parameter of "
-                             f"{p.numel()} elements has {_blocks(p.numel())} int8 blocks of {INT8_BLOCK}")
+                             f"{p.numel()} elements has {int8_blocks(p.numel())} int8 blocks of {INT8_BLOCK}")
         if not scales and value.shape != p.shape:
             raise ValueError(f"{name}: the loaded state '{key}' has shape {tuple(value.shape)}, but the "
                              f"parameter has shape {tuple(p.shape)}")
@@ -972,7 +974,7 @@ class FusedAdam(torch.optim.Optimizer):
         """ValueError naming the parameter when its state was made for another shape."""
         for key in (*_SHAPED_STATE, *_SCALES):
             t = state.get(key)
-            want = (_blocks(distributed.local_numel(p)),) if key in _SCALES else p.shape
+            want = (int8_blocks(distributed.local_numel(p)),) if key in _SCALES else p.shape
             if t is not None and t.shape != want:
                 name = f"{type(self).__name__}: {self._param_name(group, gi, i)}"
                 raise ValueError(f"{name} has shape {tuple(p.shape)}, but its optimizer state '{key}' has shape "
@@ -1142,10 +1144,9 @@ class FusedAdamW(FusedAdam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  decoupled_weight_decay=True, **kwargs):
-        if decoupled_weight_decay is not True:
-            raise ValueError("FusedAdamW always decouples weight decay (decoupled_weight_decay=True); use FusedAdam "
-                             "for Adam's L2 penalty")
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True, **kwargs)
+        # (anything but True is refused by _check_options: _always_decoupled)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=decoupled_weight_decay,
+                         **kwargs)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -1192,7 +1193,7 @@ def step_traffic(optimizer: FusedAdam, *, per_array: bool = False):
                 add(key, size, size)
             if m_scales is not None:
                 for key in (m_scales, v_scales):
-                    add(key, 4 * _blocks(n), 4 * _blocks(n))
+                    add(key, 4 * int8_blocks(n), 4 * int8_blocks(n))
             add("step", 4, 4)
     if per_array:
         return [rw for rw in arrays.values() if rw != (0, 0)]

@@ -54,8 +54,8 @@ def matmul_accumulate_(c, a, b):
 
 # ---- adam_step_ ------------------------------------------------------------------------------------------
 #
-# The layouts of issue #12, as public helpers so that mixprec.optim builds and reads its state with the same
-# definitions the kernels are tested against:
+# The compact layouts (remainder masters, int8 moments), as public helpers so that mixprec.optim builds and reads
+# its state with the same definitions the kernels are tested against:
 #   storage_order(t)                      the elements of a dense tensor in memory order (SR index, int8 blocks)
 #   remainder_split(master)               fp32 master -> (bf16 param, int16 remainder), exact
 #   remainder_join(param, remainder)      the fp32 master back, bit for bit
@@ -153,10 +153,15 @@ def _int8_code_magnitude(x: torch.Tensor, signed: bool) -> torch.Tensor:
     return k.clamp_max(kmax)
 
 
+def int8_blocks(numel: int) -> int:
+    """The number of int8 quantization blocks (block scales) of a tensor of numel elements: ceil(numel / 256)."""
+    return -(-numel // INT8_BLOCK)
+
+
 def _quantize_flat(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and block scales of a 1-D fp32 tensor (blocks of INT8_BLOCK consecutive elements)."""
     n = x.numel()
-    nblocks = -(-n // INT8_BLOCK)
+    nblocks = int8_blocks(n)
     padded = torch.nn.functional.pad(x, (0, nblocks * INT8_BLOCK - n)).view(nblocks, INT8_BLOCK)
     scales = padded.abs().amax(dim=1)  # an fp32 max (the zero padding cannot raise it); a NaN makes it NaN
     inv = torch.ones_like(scales) / scales  # one fp32 division per block

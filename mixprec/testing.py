@@ -109,7 +109,7 @@ VARIANTS = {
     "bf16-sr": AdamVariant(torch.bfloat16, "none", True),
     "bf16-remainder": AdamVariant(torch.bfloat16, "remainder", False),
 }
-# state kind -> exp_avgs' dtype (exp_avg_sqs: mixprec.ops.adam.STATE_DTYPES); int8 comes with block scales and
+# state kind -> exp_avgs' dtype (exp_avg_sqs: mixprec.ops.adam.EXP_AVG_SQ_DTYPES); int8 comes with block scales and
 # without amsgrad
 STATES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 ADAM_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs", "master_params",

@@ -997,7 +997,7 @@ def _outside_view_problem(t: torch.Tensor, before_bytes) -> str | None:
 # ---------------------------------------------------------------- target: ops.adam_step_
 
 from mixprec import testing as _testing  # noqa: E402  (the valid states this target mutates)
-from mixprec.ops.adam import STATE_DTYPES  # noqa: E402
+from mixprec.ops.adam import EXP_AVG_SQ_DTYPES  # noqa: E402
 
 ADAM_LISTS = _testing.ADAM_LISTS
 OPTIONAL = ("max_exp_avg_sqs", "master_params", "param_remainders", "exp_avg_scales", "exp_avg_sq_scales")
@@ -1283,7 +1283,7 @@ def adam_problems(lists: dict, kw: dict, grad_mode: bool) -> tuple[list, list, l
     if meta:
         unsure.append("every tensor on the meta device")
     first = lists["exp_avgs"][0]
-    if not isinstance(first, torch.Tensor) or first.dtype not in STATE_DTYPES:
+    if not isinstance(first, torch.Tensor) or first.dtype not in EXP_AVG_SQ_DTYPES:
         bad("exp_avgs", f"exp_avgs[0] is {getattr(first, 'dtype', type(first).__name__)}")
         return invalid, unsure, names
     state_dtype = first.dtype
@@ -1308,8 +1308,8 @@ def adam_problems(lists: dict, kw: dict, grad_mode: bool) -> tuple[list, list, l
             bad("param_remainders", f"params[{i}] is {p.dtype}")
         if sr is not None and p.dtype == torch.float16:
             bad("sr_seed", f"params[{i}] is float16")
-    want = {"grads": None, "exp_avgs": state_dtype, "exp_avg_sqs": STATE_DTYPES[state_dtype],
-            "max_exp_avg_sqs": STATE_DTYPES[state_dtype], "master_params": torch.float32,
+    want = {"grads": None, "exp_avgs": state_dtype, "exp_avg_sqs": EXP_AVG_SQ_DTYPES[state_dtype],
+            "max_exp_avg_sqs": EXP_AVG_SQ_DTYPES[state_dtype], "master_params": torch.float32,
             "param_remainders": torch.int16}
     for i, p in enumerate(params):
         if not meta and not _dense(p):

@@ -19,7 +19,7 @@ from mixprec.ops._validate import (
 )
 
 # exp_avgs dtype -> the exp_avg_sqs dtype of the same state kind (fp32, bf16, int8 block-wise codes)
-STATE_DTYPES = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.int8: torch.uint8}
+EXP_AVG_SQ_DTYPES = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.int8: torch.uint8}
 
 
 def _check_real(name: str, x) -> None:
@@ -140,8 +140,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, be
     _check_like_params("grads", lists["grads"], like, None, written=False)
     why = f" (exp_avgs[0] is {state_dtype}: one state kind per call)"
     _check_like_params("exp_avgs", lists["exp_avgs"], like, state_dtype, why=why)
-    _check_like_params("exp_avg_sqs", lists["exp_avg_sqs"], like, STATE_DTYPES[state_dtype], why=why)
-    _check_like_params("max_exp_avg_sqs", lists["max_exp_avg_sqs"], like, STATE_DTYPES[state_dtype], why=why)
+    _check_like_params("exp_avg_sqs", lists["exp_avg_sqs"], like, EXP_AVG_SQ_DTYPES[state_dtype], why=why)
+    _check_like_params("max_exp_avg_sqs", lists["max_exp_avg_sqs"], like, EXP_AVG_SQ_DTYPES[state_dtype], why=why)
     _check_like_params("master_params", lists["master_params"], like, torch.float32)
     _check_like_params("param_remainders", lists["param_remainders"], like, torch.int16)
     for name in ("exp_avg_scales", "exp_avg_sq_scales"):
@@ -191,8 +191,8 @@ def _check_flags(lr, beta1, beta2, eps, weight_decay, decoupled, maximize, sr_se
 def _state_dtype(lists: dict) -> torch.dtype:
     """The state kind of the call, as exp_avgs[0]'s dtype (every other state tensor is checked against it)."""
     first = lists["exp_avgs"][0]
-    if not (isinstance(first, torch.Tensor) and first.dtype in STATE_DTYPES):
-        check_tensor("exp_avgs[0]", first, dtypes=tuple(STATE_DTYPES))
+    if not (isinstance(first, torch.Tensor) and first.dtype in EXP_AVG_SQ_DTYPES):
+        check_tensor("exp_avgs[0]", first, dtypes=tuple(EXP_AVG_SQ_DTYPES))
     return first.dtype
 
 
@@ -276,7 +276,7 @@ def _check_strided(name: str, t, dtype: torch.dtype) -> None:
 def _check_scales(name: str, tensors: list, params: list, device, grad_on: bool, inference_on: bool) -> None:
     """int8 block scales: fp32, 1-D, contiguous, one per 256-element block of params[i] (storage order)."""
     for i, t in enumerate(tensors):
-        blocks = -(-params[i].numel() // reference.INT8_BLOCK)
+        blocks = reference.int8_blocks(params[i].numel())
         if (isinstance(t, torch.Tensor) and t.layout is torch.strided and t.dtype is torch.float32
                 and t.shape == (blocks,) and t.is_contiguous() and t.device == device
                 and not (grad_on and t.requires_grad) and (inference_on or not t.is_inference())):

@@ -61,7 +61,7 @@ def adam_has_fp32_streams(variant: str) -> bool:
 
 
 def _adam_specs() -> list[dict]:
-    """The fused-AdamW specializations of ADAM_VARIANTS (issue #12's master and state kinds as constexprs of the one
+    """The fused-AdamW specializations of ADAM_VARIANTS (the master and state kinds as constexprs of the one
     kernel), each for a 16-divisible n (vector accesses) and for any other n (element-wise), as the JIT
     specializes n."""
     from mixprec.kernels import adam
