@@ -39,8 +39,9 @@ def _grads(shapes, device) -> list[torch.Tensor]:
 
 
 # (label, inv_scales cycled through, bytes read and written per fp16 element). Unscaling by 2 and 1/2 in turn
-# is exact in fp16, so the values neither drift to inf nor to zero however many repeats run; inv_scale == 1 is
-# the scaler's check pass before a fused optimizer step, which only reads.
+# is exact in fp16, so the values neither drift to inf nor to zero however many repeats run; inv_scale == 1 only
+# reads, in the kernels' read-only loop, the one the scaler's check pass before a fused optimizer step runs too
+# (check_only=True by 1/scale: the same instructions, another multiplier), and torch's check pass.
 PASSES = [("unscale", (2.0, 0.5), 2, 2), ("check pass, inv_scale=1", (1.0,), 2, 0)]
 
 

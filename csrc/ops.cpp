@@ -22,10 +22,11 @@ std::string build_info() {
 
 TORCH_LIBRARY(mixprec, m) {
   m.def("build_info() -> str", &build_info);
-  // found_inf is only ever set to 1.0, never reset: the caller zeroes it once per step.
+  // found_inf is only ever set to 1.0, never reset: the caller zeroes it once per step. It flags the unscaled
+  // values that are inf/NaN (as stored; check_only: the fp32 products, nothing written), see mixprec/ops/unscale.py.
   m.def(
       "unscale_and_check_(Tensor(a!)[] grads, Tensor inv_scale, Tensor(b!) found_inf, Tensor(c!)? norm_sq=None, "
-      "Tensor(d!)? per_tensor_inf=None) -> ()");
+      "Tensor(d!)? per_tensor_inf=None, *, bool check_only=False) -> ()");
   // fp16/bf16 operands, fp32 accumulation, bias added in fp32, one rounding to out_dtype (default a's dtype).
   m.def("matmul(Tensor a, Tensor b, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
   // c (fp32) += a @ b: weight gradients straight into fp32 main grads.

@@ -34,9 +34,3 @@ def round_to(x, dtype: tl.constexpr):
         return float_to_bf16_rne(x)
     else:
         return x.to(dtype)
-
-
-@triton.jit
-def is_nonfinite(x):
-    """inf or NaN: all exponent bits set (x in fp32)."""
-    return (x.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000

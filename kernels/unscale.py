@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rounding import is_nonfinite, round_to, to_float32
+from ._rounding import round_to, to_float32
 
 # note: why BLOCK = 2048 on 8 warps: 8 elements per thread, so one 16-byte LDG.E.128/STG.E.128 per thread for
 # fp16/bf16 and two for fp32 (Triton vectorizes when n is 16-divisible, as the JIT specializes nearly every gradient).
@@ -21,23 +21,44 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _unscale_kernel(g_ptr, n, inv_scale_ptr, found_inf_ptr, tensor_flag_ptr, partial_ptr, BLOCK: tl.constexpr):
+def _nonfinite_at(x, dtype: tl.constexpr):
+    """fp32 x is inf or NaN once rounded to nearest even in `dtype`: |x| (as bits) at or above the smallest value
+    that rounds to inf (mixprec/unscale_math.h's nonfinite_limit: 65520 for fp16, 0x7f7f8000 for bf16)."""
+    if dtype == tl.float16:
+        limit = 0x477FF000
+    elif dtype == tl.bfloat16:
+        limit = 0x7F7F8000
+    else:
+        limit = 0x7F800000
+    return (x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) >= limit
+
+
+@triton.jit
+def _unscale_kernel(g_ptr, n, inv_scale_ptr, found_inf_ptr, tensor_flag_ptr, partial_ptr, BLOCK: tl.constexpr,
+                    CHECK_ONLY: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = to_float32(tl.load(g_ptr + offs, mask=mask, other=0.0))
     inv = tl.load(inv_scale_ptr)
     unscaled = g * inv
-    if inv != 1.0:  # inv == 1 leaves the values as they are: a check pass only reads
-        tl.store(g_ptr + offs, round_to(unscaled, g_ptr.dtype.element_ty), mask=mask)
-    tl.store(partial_ptr + pid, tl.sum(unscaled * unscaled, axis=0))
-    n_bad = tl.sum((is_nonfinite(g) & mask).to(tl.int32), axis=0)
+    if CHECK_ONLY:
+        # nothing written: the squares of the values as stored, the fp32 products checked (what a caller that
+        # unscales in fp32 will compute)
+        tl.store(partial_ptr + pid, tl.sum(g * g, axis=0))
+        bad = _nonfinite_at(unscaled, tl.float32)
+    else:
+        if inv != 1.0:  # inv == 1 leaves the values as they are: the pass only reads
+            tl.store(g_ptr + offs, round_to(unscaled, g_ptr.dtype.element_ty), mask=mask)
+        tl.store(partial_ptr + pid, tl.sum(unscaled * unscaled, axis=0))
+        bad = _nonfinite_at(unscaled, g_ptr.dtype.element_ty)  # as stored
+    n_bad = tl.sum((bad & mask).to(tl.int32), axis=0)
     if n_bad > 0:
         tl.store(found_inf_ptr, 1.0)
         tl.store(tensor_flag_ptr, 1.0)
 
 
-def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, per_tensor_inf=None):
+def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, per_tensor_inf=None, check_only=False):
     """Launches one program grid per tensor; arguments are validated by mixprec.ops."""
     partials = []
     device = found_inf.device
@@ -52,7 +73,7 @@ def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, per_tensor_inf
         # A dense (possibly permuted) tensor is walked over its storage: as_strided keeps the same memory.
         flat = g if g.is_contiguous() else g.as_strided((n,), (1,))
         _unscale_kernel[(n_programs,)](flat, n, inv_scale, found_inf, flag, partial, BLOCK=BLOCK,
-                                       num_warps=NUM_WARPS)
+                                       CHECK_ONLY=bool(check_only), num_warps=NUM_WARPS)
         partials.append(partial)
     if norm_sq is not None and partials:
         norm_sq.add_(torch.cat(partials).sum())

@@ -253,7 +253,8 @@ def _norm_key(t):
     return (t.device_mesh, _shard_dims(t)) if is_dtensor(t) else None
 
 
-def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_inf=None, backend="auto"):
+def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_inf=None, check_only=False,
+                       backend="auto"):
     """mixprec.ops.unscale_and_check_ over grads of which some may be DTensors: the op runs on the local tensors,
     and norm_sq gets the GLOBAL sum of squares: each rank's sum, SUM-reduced over the groups of the dims the grads
     are sharded on (norm_sq_groups). found_inf is this rank's (all_reduce_found_inf_ makes it global).
@@ -266,13 +267,14 @@ def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_
     keys = [None if g is None else _norm_key(g) for g in grads]
     if all(k is None for k in keys):
         return ops.unscale_and_check_(grads, inv_scale, found_inf, norm_sq, per_tensor_inf=per_tensor_inf,
-                                      backend=backend)
+                                      check_only=check_only, backend=backend)
     locals_ = [None if g is None else local(g) for g in grads]
     kinds = {k: None for k, g in zip(keys, grads) if g is not None}  # ordered, deduplicated
     for kind in kinds:
         part = None if norm_sq is None else torch.zeros((), dtype=_F32, device=norm_sq.device)
         selected = locals_ if len(kinds) == 1 else [g if k == kind else None for g, k in zip(locals_, keys)]
-        ops.unscale_and_check_(selected, inv_scale, found_inf, part, per_tensor_inf=per_tensor_inf, backend=backend)
+        ops.unscale_and_check_(selected, inv_scale, found_inf, part, per_tensor_inf=per_tensor_inf,
+                               check_only=check_only, backend=backend)
         if part is not None:
             if kind is not None:
                 g0 = grads[keys.index(kind)]

@@ -15,25 +15,32 @@ def _set_flag(flag: torch.Tensor, raised: torch.Tensor) -> None:
     flag.copy_(torch.where(raised, torch.ones_like(flag), flag))
 
 
-def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, per_tensor_inf=None):
+def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, per_tensor_inf=None, check_only=False):
     """For each grad: g = round(float32(g) * inv_scale) in g's dtype, in place.
 
-    found_inf is set to 1.0 if any input value is inf or NaN (never reset to 0); norm_sq, if given, gets
-    the sum of squares of the unscaled fp32 values added (summed here in fp64); per_tensor_inf[i], if
-    given, is set to 1.0 when grads[i] held an inf or NaN. None entries are skipped.
+    found_inf is set to 1.0 if any unscaled value is inf or NaN as stored in g's dtype (never reset to 0): a
+    non-finite input, or a finite one whose product overflows (torch checks the inputs only); norm_sq, if given,
+    gets the sum of squares of the unscaled fp32 values added (summed here in fp64); per_tensor_inf[i], if given,
+    is set to 1.0 when grads[i] was flagged. None entries are skipped.
+
+    check_only: the grads are left as they are, norm_sq gets the sum of squares of their values, and the flags
+    are raised where the fp32 product float32(g) * inv_scale is inf or NaN (what a caller that unscales in fp32
+    itself, as the fused optimizers do, will compute).
     """
     total = torch.zeros((), dtype=torch.float64, device=found_inf.device)
     for i, g in enumerate(grads):
         if g is None or g.numel() == 0:
             continue
         g32 = g.float()
-        bad = ~torch.isfinite(g32).all()
         unscaled = g32 * inv_scale.float().reshape(())  # any one-element inv_scale, as torch's op
-        total = total + unscaled.double().square().sum()
+        stored = unscaled if check_only else unscaled.to(g.dtype)  # one rounding, to nearest even
+        bad = ~torch.isfinite(stored).all()
+        total = total + (g32 if check_only else unscaled).double().square().sum()
         _set_flag(found_inf, bad.reshape(found_inf.shape))
         if per_tensor_inf is not None:
             _set_flag(per_tensor_inf[i], bad)
-        g.copy_(unscaled)  # one rounding, to nearest even
+        if not check_only:
+            g.copy_(stored)
     if norm_sq is not None:
         norm_sq.add_(total.to(norm_sq.dtype))
 

@@ -632,7 +632,9 @@ def build_unscale(case) -> Call:
 
 
 def _unscale_oracle(case, grads, args):
-    """torch's own unscale (bit for bit) on a second build of the inputs; found_inf and per_tensor_inf as documented;
+    """torch's own unscale (bit for bit) on a second build of the inputs; found_inf and per_tensor_inf as documented
+    (a grad is flagged when torch's unscaled values hold inf/NaN: torch's own found_inf misses the finite grads that
+    overflow when unscaled);
     norm_sq: the kernels square and add in fp32, so |norm_sq - (init + sum of squares in fp64)| <= (n + 2) * u *
     (|init| + sum) for n squared terms (each square and each addition one rounding; every term is >= 0, so no
     cancellation, whatever the summation order)."""
@@ -645,10 +647,10 @@ def _unscale_oracle(case, grads, args):
     torch_found = torch.zeros(1)
     with torch.no_grad():
         products = [g.detach().float() * inv.reshape(()) for _, g in present]
-        bad = [not bool(torch.isfinite(g.detach()).all()) for _, g in present]
         for group in by_dtype.values():
             torch._amp_foreach_non_finite_check_and_unscale_([g.detach() for g in group], torch_found,
                                                             inv.reshape(1))
+        bad = [not bool(torch.isfinite(g.detach()).all()) for _, g in present]  # as written
     total = sum((p.double().square().sum() for p in products), torch.zeros((), dtype=torch.float64))
     terms = sum(p.numel() for p in products)
     found0 = args["found_inf"].clone()
@@ -2605,7 +2607,9 @@ def _scaler_oracle(case, kw, sd, pcs, opt, box):
     their dtype, four roundings of 2^-8 (bf16) or 2^-11 (fp16)), and round the clipped grads to their dtype (an
     ulp more). Always: the scale finite, >= 2**-126, within
     [min_scale, max_scale], and an enabled scaler never lets the optimizer step on non-finite grads (found_inf
-    must catch grads that overflow when unscaled, as at the 2**-126 floor any |grad| > 4 does)."""
+    must catch grads that overflow when unscaled, as at the 2**-126 floor any |grad| > 4 does). There mixprec's
+    decision deliberately differs from torch's: torch's side counts a step as overflowing when torch's unscaled
+    grads hold inf/NaN, not only when its found_inf says so (it checks the scaled values)."""
     enabled = bool(kw.get("enabled", True))
     comparable_enabled = isinstance(kw.get("enabled", True), bool)
 
@@ -2679,6 +2683,8 @@ def _torch_scaler_problem(case, kw, sd, pcs, opt, scales) -> str | None:
                 by_dtype.setdefault(g.dtype, []).append(g)
             for group in by_dtype.values():
                 torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv.reshape(1))
+            if not all(bool(torch.isfinite(g).all()) for g in grads):  # finite grads that overflowed unscaled
+                found.fill_(1.0)
             skipped = bool(found.item())
         else:
             skipped = False

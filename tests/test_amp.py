@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixprec.amp import GradScaler
+from mixprec.optim import FusedAdamW
 
 INF, NAN = float("inf"), float("nan")
 FLOOR = 2.0**-126  # the scale's floor: float32's smallest normal number
@@ -804,3 +805,77 @@ def test_sum_of_squares_counts_a_repeated_tensor_once():
     norm_sq = _grad_norm.sum_of_squares([g, h, g], torch.device("cpu"))
     assert norm_sq.item() == 4 * 4.0 + 3 * 1.0
     assert g.tolist() == [2.0] * 4  # measured, not changed
+
+
+# ------------------------------------------------------------------------ overflow of the unscaled grads
+_OPTIMIZERS = {
+    "torch AdamW (unscale_ pass)": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    "torch fused AdamW (check pass)": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+    "mixprec FusedAdamW (check pass)": lambda ps: FusedAdamW(ps, lr=1e-2),
+    "mixprec FusedAdamW, bf16 params": lambda ps: FusedAdamW(ps, lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("name", list(_OPTIMIZERS))
+@pytest.mark.parametrize("scale, big", [(2.0**-20, 1e33), (FLOOR, 5.0), (0.75, 3e38)])
+@pytest.mark.parametrize("call_unscale", [False, True])
+def test_finite_grads_that_overflow_when_unscaled_skip_the_step(name, scale, big, call_unscale):
+    """A scale below 1: a finite scaled grad whose unscaled value overflows fp32 (big / scale > 3.4e38). The
+    step is skipped (weights and optimizer state as they were, all finite), the scale backs off (floored), and the
+    next clean step runs. torch's scaler checks the scaled values only and writes inf/NaN into the weights."""
+    dtype = torch.bfloat16 if "bf16" in name else torch.float32
+    results = {}
+    for scaler_type in (GradScaler, torch.amp.GradScaler):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64).to(dtype))
+        opt = _OPTIMIZERS[name]([p])
+        scaler = scaler_type("cpu", init_scale=scale)
+        # a first clean step, so that the optimizer has state to keep
+        scaler.scale(torch.ones(()))
+        p.grad = torch.full((64,), 0.5 * scale, dtype=dtype)
+        if call_unscale:
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        scale_before = scaler.get_scale()
+        before = p.detach().clone()
+        state_before = copy.deepcopy(opt.state_dict()["state"])
+        scaler.scale(torch.ones(()))
+        p.grad = torch.full((64,), 0.25 * scale_before, dtype=dtype)
+        p.grad[37] = big  # finite, as scaled: big / scale overflows
+        assert torch.isfinite(p.grad).all() and not torch.isfinite(p.grad.float() / scale_before).all()
+        if call_unscale:
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        results[scaler_type] = (p.detach().clone(), before, scaler.get_scale(), scale_before, opt, state_before)
+    after, before, new_scale, scale_before, opt, state_before = results[GradScaler]
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(after.view(bits), before.view(bits)), f"{name}: the step ran on grads that overflow unscaled"
+    assert torch.isfinite(after).all()
+    for key, value in opt.state_dict()["state"][0].items():
+        want = state_before[0][key]
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(want)), f"{name}: state {key} changed"
+    assert new_scale == max(scale_before * 0.5, FLOOR)
+    # torch's scaler stepped on them (the difference is deliberate): its weights or state are not all finite
+    t_after, _, t_scale, *_ = results[torch.amp.GradScaler]
+    t_state = results[torch.amp.GradScaler][4].state_dict()["state"][0]
+    assert not (torch.isfinite(t_after).all() and torch.isfinite(t_state["exp_avg"]).all())
+    assert t_scale == scale_before * 2 or t_scale == scale_before  # torch saw no overflow
+
+
+def test_fp16_grads_that_overflow_fp16_when_unscaled_skip_the_step():
+    """unscale_ writes the unscaled grads in their dtype: an fp16 grad of 40000 at a scale of 0.5 is inf once
+    written (fp32 holds 80000 fine), and the step is skipped; 30000 (60000 unscaled) steps."""
+    results = []
+    for big in (30000.0, 40000.0):
+        p = torch.nn.Parameter(torch.zeros(20, dtype=torch.float16))
+        opt = torch.optim.SGD([p], lr=1e-6)
+        scaler = GradScaler("cpu", init_scale=0.5)
+        scaler.scale(torch.ones(()))
+        p.grad = torch.full((20,), 1.0, dtype=torch.float16)
+        p.grad[19] = big  # the scalar tail of the CPU kernel's vector loop
+        stepped = scaler.step(opt) is not None or bool(p.detach().ne(0).any())
+        scaler.update()
+        results.append((stepped, bool(torch.isfinite(p).all()), scaler.get_scale()))
+    assert results == [(True, True, 0.5), (False, True, 0.25)]

@@ -1,4 +1,6 @@
 """mixprec.ops.unscale_and_check_ against torch's own unscale (bitwise) and mixprec.reference (flags, norm)."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -167,6 +169,7 @@ def test_opcheck():
     grads = [torch.randn(100, dtype=torch.float16), torch.randn(7, dtype=torch.bfloat16), torch.randn(33)]
     args = (grads, torch.tensor([0.5]), torch.zeros(1), torch.zeros(1), torch.zeros(3))
     torch.library.opcheck(torch.ops.mixprec.unscale_and_check_.default, args)
+    torch.library.opcheck(torch.ops.mixprec.unscale_and_check_.default, args, {"check_only": True})
 
 
 def test_torch_compile_fullgraph():
@@ -349,3 +352,133 @@ def test_inv_scale_one_is_a_read_only_check_pass(kernel_backend):
     # and with any other scale it does write (so the check above can fail)
     mixprec.ops.unscale_and_check_([g], torch.tensor([0.5]), found_inf, norm_sq, backend=kernel_backend)
     assert g.view(torch.int32)[12345].item() != 0x7F800001
+
+
+# ------------------------------------------------------------------- overflow of the unscaled values
+# A loss scale below 1 makes inv_scale > 1: a finite grad can overflow once unscaled. torch writes the inf and
+# leaves found_inf at 0 (it checks the inputs); mixprec writes the same bits and flags it.
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+# inv_scale = 1 / scale in fp32 for scales below 1: GradScaler's floor, a power of two, user-chosen ones
+_OVERFLOW_INVS = [2.0**126, 2.0**20, 1 / 0.75, 1.0001, 1 + 2.0**-23]
+
+
+def _near_overflow_grads(dtype, inv, largest=None):
+    """Grads of dtype, 1000 values each: small ones (far from overflowing) and one value a few ulps (of dtype)
+    either side of `largest` / inv (largest: dtype's largest finite value by default), at an index of the vector
+    loops (517) or of the scalar tail (999). None when that value is not a normal number of dtype."""
+    largest = torch.finfo(dtype).max if largest is None else largest
+    edge = torch.tensor([largest / inv]).to(dtype)  # rounded to dtype: near the boundary
+    if not torch.finfo(dtype).tiny <= edge.item() < math.inf:
+        return None
+    bits = int(edge.view(_INT_VIEW[dtype]))
+    grads = []
+    for step in range(-3, 4):
+        value = torch.tensor([bits + step]).to(_INT_VIEW[dtype]).view(dtype)
+        if not torch.isfinite(value.float()).all():  # past dtype's largest value: not a finite grad
+            continue
+        for pos, sign in ((517, 1), (999, -1)):
+            g = (torch.rand(1000, generator=torch.Generator().manual_seed(pos + step)) * edge.float() / 4).to(dtype)
+            g[pos] = sign * value
+            grads.append(g)
+    return grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inv", _OVERFLOW_INVS)
+def test_values_that_overflow_when_unscaled_are_found(backend, dtype, inv):
+    """Finite grads just below and above dtype's largest value times the scale: the values are torch's, bit for
+    bit (inf where the product overflows, as written in dtype), and found_inf and per_tensor_inf flag exactly the
+    grads holding a non-finite unscaled value, where torch's found_inf stays 0."""
+    grads = _near_overflow_grads(dtype, inv)
+    if grads is None:
+        pytest.skip(f"every nonzero {dtype} value overflows at inv_scale {inv} (the fp32 cases have the boundary)")
+    inv_scale = torch.tensor([inv], dtype=torch.float32)
+    expected, torch_found = _torch_unscale(grads, inv_scale)
+    want = [float(not torch.isfinite(e.float()).all()) for e in expected]
+    top = torch.tensor([torch.finfo(dtype).max], dtype=dtype)
+    if not torch.isfinite(_torch_unscale([top], inv_scale)[0][0].float()).all():  # dtype can overflow at inv
+        assert 0 < sum(want) < len(want), "the cases must straddle the boundary"
+    assert torch_found.item() == 0.0  # torch misses every one of them
+    found_inf, norm_sq, flags = torch.zeros(1), torch.zeros(1), torch.zeros(len(grads))
+    mixprec.ops.unscale_and_check_(grads, inv_scale, found_inf, norm_sq, per_tensor_inf=flags, backend=backend)
+    for k, (g, e) in enumerate(zip(grads, expected)):
+        assert_bitwise_equal(g, e, f"{backend} {dtype} inv {inv} grad {k}")
+    assert flags.tolist() == want, f"{backend} {dtype} inv {inv}"
+    assert found_inf.item() == float(any(want))
+    # one clean grad alone is not flagged
+    clean = _near_overflow_grads(dtype, inv)[want.index(0.0)]
+    f = torch.zeros(1)
+    mixprec.ops.unscale_and_check_([clean], inv_scale, f, backend=backend)
+    assert f.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inv", _OVERFLOW_INVS)
+def test_check_only_flags_the_fp32_products_and_writes_nothing(backend, dtype, inv):
+    """check_only (the check GradScaler runs before a fused optimizer, which unscales in fp32 itself): nothing is
+    written, found_inf/per_tensor_inf flag the grads whose fp32 product g * inv_scale is inf or NaN (not those
+    that would overflow dtype only), norm_sq is the sum of squares of the values as they are."""
+    grads = _near_overflow_grads(dtype, inv, largest=torch.finfo(torch.float32).max)  # fp32's boundary
+    straddles = grads is not None
+    if dtype is not torch.float32:  # and dtype's own: overflowing dtype when unscaled, never fp32
+        grads = (grads or []) + (_near_overflow_grads(dtype, inv) or [])
+    if not grads:
+        pytest.skip(f"no normal {dtype} value near either boundary at inv_scale {inv}")
+    before = [g.clone() for g in grads]
+    inv_scale = torch.tensor([inv], dtype=torch.float32)
+    want = [float(not torch.isfinite(g.float() * inv_scale).all()) for g in grads]
+    if straddles:
+        assert 0 < sum(want) < len(want), "the cases must straddle the boundary"
+    found_inf, norm_sq, flags = torch.zeros(1), torch.zeros(1), torch.zeros(len(grads))
+    mixprec.ops.unscale_and_check_(grads, inv_scale, found_inf, norm_sq, per_tensor_inf=flags, check_only=True,
+                                   backend=backend)
+    for k, (g, b) in enumerate(zip(grads, before)):
+        assert_bitwise_equal(g, b, f"{backend} {dtype} inv {inv} grad {k} (check_only writes nothing)")
+    assert flags.tolist() == want, f"{backend} {dtype} inv {inv}"
+    assert found_inf.item() == float(any(want))
+    exact = sum(float(g.double().square().sum()) for g in before)
+    if exact < torch.finfo(torch.float32).max / 2:
+        assert norm_sq.item() == pytest.approx(exact, rel=1e-5)
+    else:
+        assert norm_sq.item() == math.inf or norm_sq.item() == pytest.approx(exact, rel=1e-5)
+
+
+@pytest.mark.parametrize("check_only", [False, True])
+def test_check_only_agrees_with_the_reference_on_random_grads(backend, check_only):
+    """Both modes on a mixed list of random grads (specials included) at several scales, against the spec."""
+    gen = torch.Generator().manual_seed(5 + check_only)
+    for log2_inv in (-3, 0, 7, 60, 127):
+        grads = [random_grad(n, DTYPES[k % 3], generator=gen, specials=k == 2) for k, n in
+                 enumerate((1, 33, 1000, 70_000))]
+        ref = [g.clone() for g in grads]
+        inv = torch.tensor([2.0**log2_inv * 1.25])
+        f, n, flags = torch.zeros(1), torch.zeros(1), torch.zeros(len(grads))
+        rf, rn, rflags = torch.zeros(1), torch.zeros(1), torch.zeros(len(grads))
+        mixprec.ops.unscale_and_check_(grads, inv, f, n, per_tensor_inf=flags, check_only=check_only,
+                                       backend=backend)
+        reference.unscale_and_check_(ref, inv, rf, rn, rflags, check_only=check_only)
+        for g, r in zip(grads, ref):
+            assert_bitwise_equal(g, r, f"{backend} vs reference, check_only={check_only}")
+        assert f.item() == rf.item() and flags.tolist() == rflags.tolist(), log2_inv
+        if torch.isfinite(rn).item() and rn.item() > 0:
+            assert n.item() == pytest.approx(rn.item(), rel=1e-5)
+        else:
+            assert n.item() == rn.item() or (torch.isnan(n).item() and torch.isnan(rn).item())
+
+
+@pytest.mark.parametrize("check_only", [False, True])
+@pytest.mark.parametrize("inv, want", [(0.0, [1.0, 0.0, 0.0]), (math.inf, [1.0, 1.0, 0.0]),
+                                       (math.nan, [1.0, 1.0, 0.0])])
+def test_degenerate_inv_scales(backend, check_only, inv, want):
+    """inv_scale 0: only non-finite inputs are flagged (inf * 0 is NaN), as torch flags them; inf or NaN: every
+    grad holding a value is (its unscaled values are inf or NaN; 0 * inf is NaN), an empty one is not."""
+    grads = [torch.tensor([1.0, math.inf, 3.0]), torch.zeros(40, dtype=torch.float16), torch.zeros(0)]
+    flags, found_inf = torch.zeros(3), torch.zeros(1)
+    mixprec.ops.unscale_and_check_(grads, torch.tensor([inv]), found_inf, per_tensor_inf=flags,
+                                   check_only=check_only, backend=backend)
+    assert flags.tolist() == want and found_inf.item() == 1.0
+
+
+def test_check_only_must_be_a_bool():
+    with pytest.raises(TypeError, match="check_only must be a bool"):
+        mixprec.ops.unscale_and_check_([torch.ones(3)], torch.ones(1), torch.zeros(1), check_only=1)

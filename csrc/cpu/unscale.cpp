@@ -31,7 +31,8 @@ struct Block {
 };
 
 void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& inv_scale, const at::Tensor& found_inf,
-                           const std::optional<at::Tensor>& norm_sq, const std::optional<at::Tensor>& per_tensor_inf) {
+                           const std::optional<at::Tensor>& norm_sq, const std::optional<at::Tensor>& per_tensor_inf,
+                           bool check_only) {
   const std::vector<DType> dtypes =
       check_unscale_args(grads, inv_scale, found_inf, norm_sq, per_tensor_inf, at::Device(at::kCPU));
   std::vector<Block> blocks;
@@ -48,7 +49,7 @@ void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& inv_scale, co
     for (int64_t i = lo; i < hi; ++i) {
       const Block& b = blocks[i];
       char* base = static_cast<char*>(grads[b.tensor].data_ptr()) + b.begin * dtype_size(dtypes[b.tensor]);
-      const auto r = cpu::unscale_block(base, b.size, dtypes[b.tensor], inv, use_avx2);
+      const auto r = cpu::unscale_block(base, b.size, dtypes[b.tensor], inv, check_only, use_avx2);
       partial[i] = r.sum_sq;
       block_bad[i] = r.nonfinite;
     }

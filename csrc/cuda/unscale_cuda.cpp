@@ -16,7 +16,8 @@ namespace mixprec {
 namespace {
 
 void unscale_and_check_cuda(at::TensorList grads, const at::Tensor& inv_scale, const at::Tensor& found_inf,
-                            const std::optional<at::Tensor>& norm_sq, const std::optional<at::Tensor>& per_tensor_inf) {
+                            const std::optional<at::Tensor>& norm_sq, const std::optional<at::Tensor>& per_tensor_inf,
+                            bool check_only) {
   const at::Device device = found_inf.device();
   const std::vector<DType> dtypes = check_unscale_args(grads, inv_scale, found_inf, norm_sq, per_tensor_inf, device);
   // Group by dtype: one launch per group.
@@ -48,7 +49,8 @@ void unscale_and_check_cuda(at::TensorList grads, const at::Tensor& inv_scale, c
     next_block = cuda::launch_unscale(static_cast<DType>(g), static_cast<int64_t>(addrs[g].size()), addrs[g].data(),
                                       numels[g].data(), index[g].data(), next_block, inv_scale.data_ptr<float>(),
                                       found_inf.data_ptr<float>(), norm_sq ? partials.data_ptr<float>() : nullptr,
-                                      per_tensor_inf ? per_tensor_inf->data_ptr<float>() : nullptr, stream, &err);
+                                      per_tensor_inf ? per_tensor_inf->data_ptr<float>() : nullptr, check_only, stream,
+                                      &err);
     C10_CUDA_CHECK(err);
   }
   if (norm_sq) {

@@ -282,12 +282,33 @@ int main() {
     check_round(special);
   }
 
-  // Unscale of one value: the fp32 product, and inf/NaN detection on the input.
+  // Unscale of one value: the fp32 product.
   for (int i = 0; i < 100'000; ++i) {
     const float g = mixprec::bits_float(rng()), inv = mixprec::bits_float(rng());
     const float got = mixprec::unscale_value(g, inv), want = g * inv;
     check(std::isnan(want) ? std::isnan(got) : got == want, "unscale_value", mixprec::float_bits(g), 0, 0);
-    check(mixprec::is_nonfinite(g) == !std::isfinite(g), "is_nonfinite", mixprec::float_bits(g), 0, 0);
+  }
+  // The overflow check on the unscaled value: nonfinite_at(u, nonfinite_limit<T>()) is "u rounded to T (torch's
+  // rounding) is inf or NaN", for random values and every value near each limit.
+  auto check_limits = [&](float u) {
+    const bool half_bad = !std::isfinite(static_cast<float>(c10::Half(u)));
+    const bool bf16_bad = !std::isfinite(static_cast<float>(c10::BFloat16(u)));
+    const uint32_t bits = mixprec::float_bits(u);
+    check(mixprec::nonfinite_at(u, mixprec::nonfinite_limit<mixprec::DType::Float16>()) == half_bad,
+          "nonfinite_at fp16", bits, 0, 0);
+    check(mixprec::nonfinite_at(u, mixprec::nonfinite_limit<mixprec::DType::BFloat16>()) == bf16_bad,
+          "nonfinite_at bf16", bits, 0, 0);
+    check(mixprec::nonfinite_at(u, mixprec::nonfinite_limit<mixprec::DType::Float32>()) == !std::isfinite(u),
+          "nonfinite_at fp32", bits, 0, 0);
+    check(mixprec::nonfinite_at(u, mixprec::kFloat32NonfiniteLimit) == !std::isfinite(u), "nonfinite_at", bits, 0, 0);
+  };
+  for (int i = 0; i < 1'000'000; ++i) check_limits(mixprec::bits_float(rng()));
+  for (const uint32_t limit : {0x477ff000u, 0x7f7f8000u, 0x7f800000u}) {
+    for (uint32_t d = 0; d < 4096; ++d) {
+      for (const uint32_t sign : {0u, 0x80000000u}) {
+        check_limits(mixprec::bits_float(sign | (limit - 2048 + d)));
+      }
+    }
   }
 
   // adam_step_'s bit-pattern loads and stores

@@ -114,6 +114,13 @@ class GradScaler(torch.amp.GradScaler):
     dropped, as torch drops it. init_scale, min_scale, max_scale, a loaded scale and new_scale must lie in that
     range.
 
+    Overflow when unscaling: with a scale below 1 (chosen, or the floor) a finite scaled grad can overflow once
+    unscaled (at 2**-126 any |grad| > 4 in fp32). torch's scaler checks the scaled values only and steps, writing
+    inf/NaN into the weights (or, with a fused optimizer, into the weights and moments). Here such a step counts
+    as overflowing: skipped, and the scale backs off (the one place the decision, and the trajectory, differ
+    from torch's above 2**-126). unscale_ flags every unscaled value that is non-finite as written; the check
+    pass before a fused optimizer's step flags grad * (1 / scale) non-finite in fp32, what its kernel computes.
+
     A subclass of torch.amp.GradScaler (isinstance holds), with torch's private entry points, signatures and
     results: _unscale_grads_, _check_inf_per_device, _found_inf_per_device, _get_scale_async, _maybe_opt_step
     (TransformerEngine's FusedAdam, torch's own fused optimizers and FSDP-style subclasses use them); all of them
@@ -295,7 +302,13 @@ class GradScaler(torch.amp.GradScaler):
         it) set to 1.0 when a grad held inf/NaN; {} when the optimizer has no grads, as torch (unless ranks must
         agree: under torch.distributed every rank returns one flag, as torch's ShardedGradScaler does).
         allow_fp16=False refuses fp16 grads with torch's ValueError; unscale_ passes True. Libraries call it, and
-        subclasses may override it: unscale_ and _check_inf_per_device go through it, as torch's do."""
+        subclasses may override it: unscale_ and _check_inf_per_device go through it, as torch's do.
+
+        The flag is also raised by a finite grad whose unscaled value overflows (a scale below 1; torch's is not:
+        mixprec.ops.unscale_and_check_). Called by _check_inf_per_device (torch passes a multiplier of 1.0 there:
+        the grads stay scaled), the pass is a check_only pass by the scale's real reciprocal, which that method
+        leaves in the optimizer's state for the call ("check_inv_scale"), so the flag sees the overflow of the
+        optimizer's own unscale."""
         params, present, grads, device = self._collect_grads(optimizer, allow_fp16)
         state = self._per_optimizer_states[id(optimizer)]
         if device is None and not self._distributed():
@@ -308,10 +321,13 @@ class GradScaler(torch.amp.GradScaler):
         found = found_inf.to(device, copy=True, non_blocking=True)
         norm_sq = torch.zeros((), dtype=torch.float32, device=device)
         flags = self._diagnostics.per_tensor_flags(optimizer, params, len(grads), device)
+        check_inv_scale = state.get("check_inv_scale")
+        if check_inv_scale is not None:
+            inv_scale = check_inv_scale
         with torch.no_grad():
             # DTensor grads (FSDP2): the kernel runs on the local shards, and norm_sq is summed over the ranks
             distributed.unscale_and_check_(grads, inv_scale.to(device, non_blocking=True), found, norm_sq,
-                                           per_tensor_inf=flags)
+                                           per_tensor_inf=flags, check_only=check_inv_scale is not None)
         self._diagnostics.fold_flags(optimizer, present, flags)
         state.update(norm_sq=norm_sq, grads=grads, optimizer=optimizer)
         return {device: found}
@@ -353,14 +369,24 @@ class GradScaler(torch.amp.GradScaler):
         """torch's entry point: check (and measure) the still-scaled grads of an optimizer that unscales them
         itself; returns {device: found_inf} (TransformerEngine's FusedAdam indexes it by its params' device).
 
-        The pass only reads the grads (multiplier 1.0). Its sum of squares is of the scaled grads, in fp32, and is
+        The pass only reads the grads (check_only). Its sum of squares is of the scaled grads, in fp32, and is
         brought to the unscaled grads' after (in fp64: 1/scale**2 can underflow fp32), so it overflows to inf only
-        when the scaled grads' sum of squares exceeds fp32's range (~3e38)."""
+        when the scaled grads' sum of squares exceeds fp32's range (~3e38). Its flag is raised where grad * (1 /
+        scale) in fp32 is inf or NaN: what the fused optimizers' kernels compute (their grad factor is 1 / grad_scale
+        in fp32, times a clipping coefficient <= 1), so a finite scaled grad that overflows when unscaled (a scale
+        below 1) skips the step instead of writing inf/NaN into the weights and moments. torch's check sees the
+        scaled values only."""
         scale, _ = self._check_scale_growth_tracker("_check_inf_per_device")
         state = self._per_optimizer_states[id(optimizer)]
         state["norm_sq"] = None
         ones = torch.ones((), dtype=torch.float32, device=scale.device)
-        found = self._unscale_grads_(optimizer, ones, torch.zeros_like(ones), True)
+        # The kernels' 1 / grad_scale is one fp32 division: the fp64 reciprocal rounded once is the same bits (a
+        # double rounding through fp64 is exact for a division of fp32 values).
+        state["check_inv_scale"] = scale.double().reciprocal().float()
+        try:
+            found = self._unscale_grads_(optimizer, ones, torch.zeros_like(ones), True)
+        finally:
+            state.pop("check_inv_scale", None)
         norm_sq = state["norm_sq"]
         if norm_sq is not None:
             inv = scale.double().reciprocal().to(norm_sq.device, non_blocking=True)

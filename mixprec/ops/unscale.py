@@ -14,17 +14,29 @@ from mixprec.ops._validate import (
 )
 
 
-def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_inf=None, backend="auto"):
+def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_inf=None, check_only=False,
+                       backend="auto"):
     """Unscale gradients in place and look for overflow, in one read and write of each gradient.
 
     For every grad g (fp32, fp16 or bf16; any mix; any shape, 0-dim included; None entries skipped):
     g = round(float32(g) * inv_scale) in g's dtype, bit for bit what torch._amp_foreach_non_finite_check_and_unscale_
-    writes. found_inf (one-element fp32) is set to 1.0 if any value is inf or NaN, and never reset: the caller
-    zeroes it once per step. norm_sq (optional one-element fp32) gets the sum of squares of the unscaled values
-    added. per_tensor_inf (optional fp32, one element per grad) gets 1.0 at the grads holding inf or NaN.
-    Nothing synchronizes with the device. An empty list is a no-op. With inv_scale == 1.0 the values would not
-    change, so the kernels only read them: a check pass (as GradScaler runs before a fused optimizer step)
-    moves half the bytes.
+    writes. found_inf (one-element fp32) is set to 1.0 if any unscaled value, as written in g's dtype, is inf or
+    NaN, and never reset: the caller zeroes it once per step. norm_sq (optional one-element fp32) gets the sum of
+    squares of the unscaled fp32 values added. per_tensor_inf (optional fp32, one element per grad) gets 1.0 at the
+    grads flagged. Nothing synchronizes with the device. An empty list is a no-op. With inv_scale == 1.0 the values
+    would not change, so the kernels only read them.
+
+    found_inf deliberately differs from torch's there: torch flags the inputs only, so a finite grad that
+    overflows when unscaled (a loss scale below 1, inv_scale > 1: at GradScaler's floor 2**-126 any |g| > 4 in
+    fp32; fp16 grads past 65504 once unscaled) writes inf while found_inf stays 0, and the optimizer steps on it.
+    Here it is flagged. A non-finite input is still flagged, whatever inv_scale (inf * 0 and NaN * x are NaN), so
+    with inv_scale == 0 the flags are torch's, and with inv_scale inf or NaN every grad holding a value is flagged
+    (its values are written as inf or NaN).
+
+    check_only=True: a check pass for a caller that unscales the grads itself, in fp32 (GradScaler before a fused
+    optimizer step, whose kernel divides by the scale): the grads are only read (half the bytes), found_inf and
+    per_tensor_inf flag the grads whose fp32 products float32(g) * inv_scale hold inf or NaN (exactly what that
+    caller will compute), and norm_sq gets the sum of squares of the grads as they are (not unscaled).
 
     Layouts: dense grads (contiguous, channels_last, any permutation) go through the kernels as they are. Strided
     views with gaps (``base[:, :5]``) are unscaled through a dense copy written back after the pass (slower:
@@ -34,6 +46,8 @@ def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_
     inference tensors outside inference mode, and leaves requiring grad while grad mode is on (the flags and
     norm_sq are checked the same way).
     """
+    if not isinstance(check_only, bool):
+        raise TypeError(f"check_only must be a bool, got {type(check_only).__name__}")
     grads = check_tensor_list("grads", grads, allow_none=True)
     present = [i for i, g in enumerate(grads) if g is not None]
     if not present:
@@ -80,24 +94,26 @@ def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_
 
     if chosen == "reference":
         # the spec broadcasts inv_scale against each grad: a 0-dim view keeps a 0-dim grad 0-dim
-        reference.unscale_and_check_(grads, inv_scale.reshape(()), found_inf, norm_sq, per_tensor_inf)
+        reference.unscale_and_check_(grads, inv_scale.reshape(()), found_inf, norm_sq, per_tensor_inf,
+                                     check_only=check_only)
     elif chosen == "triton":
         from mixprec.kernels import unscale as triton_unscale
 
-        triton_unscale.unscale_and_check_(grads, inv_scale, found_inf, norm_sq, per_tensor_inf)
+        triton_unscale.unscale_and_check_(grads, inv_scale, found_inf, norm_sq, per_tensor_inf,
+                                          check_only=check_only)
     else:
         dense = [grads[i] for i in present]
         flags = per_tensor_inf
         if per_tensor_inf is not None and len(present) != len(grads):
             flags = torch.zeros(len(present), dtype=torch.float32, device=device)
-        torch.ops.mixprec.unscale_and_check_(dense, inv_scale, found_inf, norm_sq, flags)
+        torch.ops.mixprec.unscale_and_check_(dense, inv_scale, found_inf, norm_sq, flags, check_only=check_only)
         if flags is not per_tensor_inf and per_tensor_inf is not None:
             index = torch.tensor(present)
             if device.type == "cuda":  # from pinned memory the copy is queued, never waited for
                 index = index.pin_memory().to(device, non_blocking=True)
             per_tensor_inf.index_copy_(0, index, torch.maximum(per_tensor_inf[index], flags))
 
-    if originals:
+    if originals and not check_only:
         with torch.no_grad():
             for i, g in originals.items():
                 g.copy_(grads[i])  # exact: same dtype
@@ -118,5 +134,5 @@ def _may_overlap_itself(t: torch.Tensor) -> bool:
 if _ext.available():
 
     @torch.library.register_fake("mixprec::unscale_and_check_")
-    def _(grads, inv_scale, found_inf, norm_sq=None, per_tensor_inf=None):
+    def _(grads, inv_scale, found_inf, norm_sq=None, per_tensor_inf=None, *, check_only=False):
         return None

@@ -34,8 +34,9 @@ def _unscale_specs() -> list[dict]:
         {"kernel": unscale._unscale_kernel, "config": f"{name}, {'n%16==0' if n16 else 'any n'}, BLOCK={unscale.BLOCK}",
          "n16": n16,
          "signature": {"g_ptr": f"*{name}", "n": "i32", "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-                       "tensor_flag_ptr": "*fp32", "partial_ptr": "*fp32", "BLOCK": "constexpr"},
-         "constexprs": {"BLOCK": unscale.BLOCK}, "options": {"num_warps": unscale.NUM_WARPS},
+                       "tensor_flag_ptr": "*fp32", "partial_ptr": "*fp32", "BLOCK": "constexpr",
+                       "CHECK_ONLY": "constexpr"},
+         "constexprs": {"BLOCK": unscale.BLOCK, "CHECK_ONLY": False}, "options": {"num_warps": unscale.NUM_WARPS},
          # per_tensor_inf[i:i + 1] (tensor_flag_ptr) is any element of a tensor: not 16-byte aligned
          "aligned": ["g_ptr", "inv_scale_ptr", "found_inf_ptr", "partial_ptr"] + (["n"] if n16 else [])}
         for name in ("fp32", "fp16", "bf16") for n16 in (True, False)

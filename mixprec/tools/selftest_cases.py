@@ -140,7 +140,39 @@ def unscale_cases(device: str) -> list[Case]:
             shape = ", ".join(str(s) for s in shapes) + (" +inf/nan" if specials else "")
             check = functools.partial(_check_unscale, b.name, dtypes, shapes, specials, device, seed)
             cases.append(Case("unscale_and_check_", b.label, label, shape, check, b.env))
+        check = functools.partial(_check_unscale_overflow, b.name, device)
+        cases.append(Case("unscale_and_check_", b.label, "overflow when unscaled", "3 dtypes x 4 grads (1000,)", check,
+                          b.env))
     return cases
+
+
+def _check_unscale_overflow(backend, device) -> str:
+    """A scale below 1 (inv_scale 2**20 * 1.25): grads a few ulps either side of the value that overflows once
+    unscaled. The unscale writes torch's bits and flags the grads non-finite as written; check_only writes nothing
+    and flags the fp32 products; both as the reference."""
+    inv_scale = torch.tensor([2.0**20 * 1.25], device=device)
+    grads = []
+    for dt in testing.DTYPES:
+        int_type = torch.int32 if dt == torch.float32 else torch.int16
+        edge = torch.tensor([torch.finfo(dt).max / inv_scale.item()]).to(dt).view(int_type)
+        for step in range(-2, 2):  # in the vector loops (517) and in a scalar tail (999)
+            g = torch.full((1000,), 0.25, dtype=dt)
+            g[[517, 999][step % 2]] = (edge + step).view(dt)
+            grads.append(g.to(device))
+    flagged = []
+    for check_only in (False, True):
+        ours, ref = [g.clone() for g in grads], [g.clone() for g in grads]
+        flags, ref_flags = (torch.zeros(len(grads), device=device) for _ in range(2))
+        found, ref_found = (torch.zeros(1, device=device) for _ in range(2))
+        ops.unscale_and_check_(ours, inv_scale, found, per_tensor_inf=flags, check_only=check_only, backend=backend)
+        reference.unscale_and_check_(ref, inv_scale, ref_found, None, ref_flags, check_only=check_only)
+        for i, (g, r) in enumerate(zip(ours, ref)):
+            testing.assert_bitwise_equal(g, r, f"grads[{i}] ({g.dtype}), check_only={check_only}, vs the reference")
+        assert flags.tolist() == ref_flags.tolist(), f"check_only={check_only}: per_tensor_inf {flags.tolist()}, " \
+                                                     f"the reference's {ref_flags.tolist()}"
+        assert found.item() == ref_found.item() == 1.0, f"found_inf {found.item()}, the reference's {ref_found.item()}"
+        flagged.append(int(flags.sum().item()))
+    return f"flags as the reference: {flagged[0]} of {len(grads)} grads unscaling, {flagged[1]} checking only"
 
 
 def _check_unscale(backend, dtypes, shapes, specials, device, seed) -> str:
