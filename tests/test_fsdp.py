@@ -324,7 +324,14 @@ def _scenario_norm(rank: int) -> dict:
     grads = [p.grad for p in model.parameters()]
     local_norm = torch.stack([distributed.local(g).float().norm() for g in grads]).norm()
     torch_norm = _full(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=float("inf")))
-    return {"ours": ours, "torch": torch_norm, "local": local_norm}
+    # torch's entry point called directly (as libraries and subclasses do) with an inf on rank 0 only: the flag it
+    # returns is already the global one on every rank, as torch's own (its DTensor dispatch reduces found_inf)
+    if rank == 0:
+        distributed.local(grads[0]).view(-1)[0] = float("inf")
+    ones = torch.ones(())
+    flags = scaler._unscale_grads_(optimizer, ones, torch.zeros(()), True)
+    return {"ours": ours, "torch": torch_norm, "local": local_norm,
+            "flags": [float(f) for f in flags.values()]}
 
 
 def _scenario_refusals(rank: int) -> dict:
@@ -736,6 +743,7 @@ def test_grad_norm_is_global_and_equals_torch_clip_grad_norm(runs):
         torch.testing.assert_close(res["ours"], res["torch"].to(res["ours"].dtype), rtol=2e-6, atol=0,
                                    msg=f"rank {r}")
         assert res["local"] < res["ours"] * (1 - 1e-3), f"rank {r}: the norm is this rank's own, not the global one"
+        assert res["flags"] == [1.0], f"rank {r}: _unscale_grads_ returned {res['flags']}, not the global flag"
 
 
 def test_every_optimizer_state_is_sharded_like_its_param(runs):

@@ -330,14 +330,18 @@ class GradScaler(torch.amp.GradScaler):
                                            per_tensor_inf=flags, check_only=check_inv_scale is not None)
         self._diagnostics.fold_flags(optimizer, present, flags)
         state.update(norm_sq=norm_sq, grads=grads, optimizer=optimizer)
+        if self._distributed():
+            # every rank returns the one global flag, as torch's does for DTensor grads (its dispatch MAX-reduces
+            # found_inf inside the op): over the mesh of sharded grads, else the process group / default group.
+            # note: every rank must call this with grads of the same meshes (FSDP2 gives every rank a shard of
+            # every param): a rank with none reduces over the default group and would wait for the others
+            distributed.all_reduce_found_inf_(found, grads, self._process_group)
         return {device: found}
 
     def _finish_check(self, optimizer, found_inf_per_device: dict) -> None:
-        """After a pass: agree on found_inf across ranks, record it, publish the unscaled sum of squares."""
+        """After a pass (whose flags _unscale_grads_ has made global): record found_inf, publish the unscaled sum of
+        squares."""
         state = self._per_optimizer_states[id(optimizer)]
-        if self._distributed():
-            for found in found_inf_per_device.values():  # over the mesh of sharded grads, else the default group
-                distributed.all_reduce_found_inf_(found, state.get("grads") or (), self._process_group)
         state["found_inf_per_device"] = found_inf_per_device
         if state["norm_sq"] is not None:
             _grad_norm.publish(optimizer, state["norm_sq"])
