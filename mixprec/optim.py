@@ -147,7 +147,7 @@ from collections import defaultdict
 import torch
 
 from mixprec import _backend, _grad_norm, distributed, ops
-from mixprec.ops._validate import is_non_overlapping_and_dense
+from mixprec.ops._validate import has_self_overlap, is_non_overlapping_and_dense
 from mixprec.ops.adam import AdamLists, check_adam_hyper
 from mixprec.reference import (
     INT8_BLOCK,
@@ -433,9 +433,10 @@ class FusedAdam(torch.optim.Optimizer):
                              "with torch.view_as_real)")
         if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"{name} has dtype {p.dtype}; supported are float32, float16 and bfloat16")
-        if any(st == 0 and n > 1 for n, st in zip(p.shape, p.stride())):
-            raise ValueError(f"{name} has elements that overlap in memory (strides {p.stride()}, an expanded "
-                             "tensor): an in-place update of it is ill-defined; pass a tensor of its own")
+        if not is_non_overlapping_and_dense(p) and has_self_overlap(p):
+            raise ValueError(f"{name} has elements that overlap in memory (shape {tuple(p.shape)}, strides "
+                             f"{p.stride()}, e.g. an expanded tensor): an in-place update of it is ill-defined; pass a "
+                             "tensor of its own")
         if group["stochastic_rounding"] and p.dtype == torch.float16:
             raise ValueError(f"{name} is float16; stochastic rounding is for bfloat16 params (give fp16 params "
                              "master weights in another param group)")

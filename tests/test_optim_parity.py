@@ -298,8 +298,14 @@ def test_resized_param_is_refused_naming_it_and_nothing_is_written(backend):
 
 
 def test_overlapping_and_complex_params_are_refused_clearly():
+    """Params whose elements share memory: expanded (stride 0), and rows that overlap without a zero stride (torch's
+    own overlap check calls that layout too hard and lets it through); a non-dense layout that does not overlap
+    (sizes (2, 3), strides (3, 2)) is accepted."""
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*overlap"):
         FusedAdamW([nn.Parameter(torch.randn(3).expand(4, 3))])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*overlap.*\(3, 4\).*\(2, 1\)"):
+        FusedAdamW([nn.Parameter(torch.randn(20).as_strided((3, 4), (2, 1)))])
+    FusedAdamW([nn.Parameter(torch.randn(8).as_strided((2, 3), (3, 2)))])
     with pytest.raises(ValueError, match="complex"):
         FusedAdamW([nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
 

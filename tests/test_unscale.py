@@ -212,11 +212,12 @@ def test_property_cpu_matches_reference(sizes, dtype_ids, log2_scale, seed, pois
 
 # ------------------------------------------------------------------- layouts, aliases, what is refused
 def _gappy_views(dtype, gen, specials):
-    """Strided views with gaps, as torch hands out (slices, steps, transposes of slices), of fresh bases."""
+    """Strided views with gaps, as torch hands out (slices, steps, transposes of slices), of fresh bases; the last,
+    sizes (2, 3) and strides (3, 2) (offsets 0 2 4 3 5 7), has strides that do not nest but no element twice."""
     def base(*shape):
         return random_grad(int(torch.tensor(shape).prod()), dtype, generator=gen, specials=specials).reshape(shape)
     return [base(4, 8)[:, :5], base(9, 7)[::2, 1::3], base(6, 10).t()[2:7], base(3, 4, 5)[:, 1:3, ::2],
-            base(2, 600)[:, ::3], base(1, 1)[:, :1], base(5, 3)[:, 1]]
+            base(2, 600)[:, ::3], base(1, 1)[:, :1], base(5, 3)[:, 1], base(8).as_strided((2, 3), (3, 2))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

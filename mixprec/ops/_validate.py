@@ -70,6 +70,25 @@ def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def has_self_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of t share one address (an expanded view, stride 0, or as_strided rows that overlap):
+    a kernel that writes each element once from one thread or program would give such aliases one of several
+    results, or race. Exact: dimensions sorted by stride that each step past everything the smaller ones reach
+    cannot overlap (one pass over the dims); a layout whose strides do not nest (sizes (2, 3), strides (3, 2)) may
+    still write each element once, and is decided from its offsets (one integer per element, for a rare layout)."""
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
+    reach = 0  # the largest offset the dims of smaller stride reach
+    for stride, size in dims:
+        if stride == 0:
+            return True
+        if stride <= reach:
+            offsets = sum(torch.arange(sz).mul_(st).view([-1 if d == i else 1 for d in range(len(dims))])
+                          for i, (st, sz) in enumerate(dims))
+            return torch.unique(offsets).numel() != offsets.numel()
+        reach += (size - 1) * stride
+    return False
+
+
 def check_writable(name: str, t: torch.Tensor) -> None:
     """The checks torch's own in-place ops make before writing into `t`, so that every backend (the extension,
     Triton, the reference) refuses the same inputs with torch's error types: an inference tensor outside

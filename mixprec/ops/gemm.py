@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mixprec import _backend, _ext, reference
-from mixprec.ops._validate import check_tensor, check_writable
+from mixprec.ops._validate import check_tensor, check_writable, has_self_overlap
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -24,31 +24,6 @@ def _check_operands(a, b) -> None:
         raise ValueError(f"b must be on a's device {a.device}, got {b.device}")
     if b.shape[0] != a.shape[-1]:
         raise ValueError(f"b must have shape [K, N] with K = a.shape[-1] = {a.shape[-1]}, got {tuple(b.shape)}")
-
-
-def _check_no_self_overlap(name: str, t: torch.Tensor) -> None:
-    """Refuses a tensor the op writes in which two elements share one address (an expanded view, stride 0, or
-    as_strided rows that overlap): the kernels write each element once from one program or thread, so aliases
-    would get one of several results, or a race, and the result would depend on the backend and the tiling."""
-    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
-    reach = 0  # the largest offset the dims of smaller stride reach
-    for stride, size in dims:
-        if stride == 0:
-            break
-        if stride <= reach:
-            # the strides do not nest; the layout may still write each element once (sizes (2, 3), strides
-            # (3, 2)): decide exactly from the offsets, a rare layout where one integer per element is affordable
-            offsets = sum(torch.arange(sz).mul_(st).view([-1 if d == i else 1 for d in range(len(dims))])
-                          for i, (st, sz) in enumerate(dims))
-            if torch.unique(offsets).numel() == offsets.numel():
-                return
-            break
-        reach += (size - 1) * stride
-    else:
-        return
-    raise ValueError(f"{name} has elements that share memory (shape {tuple(t.shape)}, strides {t.stride()}, e.g. an "
-                     f"expanded view): each output element needs its own address; pass {name}.clone() and read the "
-                     "result from it")
 
 
 def _out_shape(a, b) -> tuple:
@@ -95,7 +70,10 @@ def matmul_accumulate_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, bac
     if tuple(c.shape) != _out_shape(a, b):
         raise ValueError(f"c must have shape a.shape[:-1] + [N] = {list(_out_shape(a, b))}, got {list(c.shape)}")
     check_writable("c", c)
-    _check_no_self_overlap("c", c)
+    if has_self_overlap(c):
+        raise ValueError(f"c has elements that share memory (shape {tuple(c.shape)}, strides {c.stride()}, e.g. an "
+                         "expanded view): each output element needs its own address; pass c.clone() and read the "
+                         "result from it")
     chosen = _backend.select(backend, a.device)
     if chosen == "reference":
         reference.matmul_accumulate_(c, a, b)

@@ -10,6 +10,7 @@ from mixprec.ops._validate import (
     check_tensor_list,
     check_writable,
     common_device,
+    has_self_overlap,
     is_non_overlapping_and_dense,
 )
 
@@ -74,7 +75,7 @@ def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_
         if not compiling and (g.requires_grad or g.is_inference()):
             check_writable(f"grads[{i}]", g)
         if not (g.is_contiguous() or is_non_overlapping_and_dense(g)):
-            if _may_overlap_itself(g):
+            if has_self_overlap(g):
                 raise RuntimeError(f"grads[{i}] has elements that share memory (e.g. an expanded tensor, stride "
                                    f"{tuple(g.stride())} for shape {tuple(g.shape)}): it cannot be unscaled in "
                                    "place, as with torch's in-place ops; clone() it first")
@@ -117,18 +118,6 @@ def unscale_and_check_(grads, inv_scale, found_inf, norm_sq=None, *, per_tensor_
         with torch.no_grad():
             for i, g in originals.items():
                 g.copy_(grads[i])  # exact: same dtype
-
-
-def _may_overlap_itself(t: torch.Tensor) -> bool:
-    """True when two elements of `t` might share memory. Dimensions sorted by stride must each step past
-    everything the smaller ones reach; a layout failing that (stride 0, expand) may overlap. Conservative: a few
-    exotic interleaved layouts that do not overlap are reported too (torch calls those too hard to decide)."""
-    reach = 0
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
-        if stride <= reach:
-            return True
-        reach += (size - 1) * stride
-    return False
 
 
 if _ext.available():
