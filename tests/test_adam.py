@@ -25,7 +25,7 @@ from mixprec.testing import (
 )
 from tests.helpers import assert_bitwise_equal, use_backend
 
-BACKENDS = ["cpu-avx2", "cpu-portable", "triton"]
+BACKENDS = ["cpu-avx512", "cpu-avx2", "cpu-portable", "triton"]
 SIZES = (1, 7, 127, 129, 1000, 65537)
 CONFIGS = VARIANTS
 MODES = [(v, s) for v in VARIANTS for s in STATES]  # every master / param variant with every state kind

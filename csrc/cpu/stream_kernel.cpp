@@ -1,5 +1,6 @@
 #include "stream_kernel.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "simd_avx2.h"
@@ -7,10 +8,12 @@
 namespace mixprec::cpu {
 namespace {
 
-// note: the ceiling must do no more work per byte than the kernels it judges do, so the only operation is
-// an integer XOR (one cycle, four independent chains to hide its latency) and the stores are ordinary
-// stores, as in every mixprec kernel: non-temporal stores would avoid the read-for-ownership of pure
-// write arrays and measure a ceiling no mixprec kernel could reach.
+// note: the ceiling must use every technique the kernels it judges use, or they exceed it, and do no more work
+// per byte than they do: the only operation is an integer XOR (one cycle, four independent chains to hide its
+// latency); reads prefetch ahead as unscale_kernel.cpp does; an array that is read and written (in place) is
+// written with ordinary stores, as the kernels update in place; an array that is only written is written with
+// non-temporal stores, as the Adam kernel writes the half param beside fp32 masters (Avx2Lanes::store_streaming):
+// they skip the read-for-ownership, so a write-only byte costs one trip to memory instead of two.
 
 uint64_t fold_portable(const uint8_t* p, int64_t n) {
   uint64_t acc[4] = {0, 0, 0, 0};
@@ -52,16 +55,31 @@ MIXPREC_AVX2 uint64_t fold_avx2(const uint8_t* p, int64_t n) {
   return folded ^ fold_portable(p + i, n - i);
 }
 
+// kStreaming: non-temporal stores from the first 32-byte boundary on (ordinary stores before it and for the
+// tail); the caller fences once after the last one.
+template <bool kStreaming>
 MIXPREC_AVX2 void fill_avx2(uint8_t* p, int64_t n, uint64_t value) {
+  const int64_t head = kStreaming ? std::min<int64_t>(n, (32 - reinterpret_cast<uintptr_t>(p) % 32) % 32) : 0;
+  fill_portable(p, head, value);
   const __m256i v = _mm256_set1_epi64x(static_cast<long long>(value));
-  int64_t i = 0;
+  int64_t i = head;
   for (; i + 128 <= n; i += 128) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), v);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i + 32), v);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i + 64), v);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i + 96), v);
+    for (int k = 0; k < 128; k += 32) {
+      __m256i* q = reinterpret_cast<__m256i*>(p + i + k);
+      if constexpr (kStreaming) _mm256_stream_si256(q, v);
+      else _mm256_storeu_si256(q, v);
+    }
   }
   fill_portable(p + i, n - i, value);
+}
+
+MIXPREC_AVX2 void fence_avx2() { _mm_sfence(); }
+
+bool is_read(const ByteSpan& w, const ByteSpan* reads, int n_reads) {
+  for (int r = 0; r < n_reads; ++r) {
+    if (reads[r].data == w.data) return true;
+  }
+  return false;
 }
 
 }  // namespace
@@ -74,13 +92,18 @@ uint64_t stream_block(const ByteSpan* reads, int n_reads, const ByteSpan* writes
   for (int r = 0; r < n_reads; ++r) {
     acc ^= use_avx2 ? fold_avx2(reads[r].data, reads[r].size) : fold_portable(reads[r].data, reads[r].size);
   }
+  bool streamed = false;
   for (int w = 0; w < n_writes; ++w) {
-    if (use_avx2) {
-      fill_avx2(writes[w].data, writes[w].size, acc);
-    } else {
+    if (!use_avx2) {
       fill_portable(writes[w].data, writes[w].size, acc);
+    } else if (is_read(writes[w], reads, n_reads)) {
+      fill_avx2<false>(writes[w].data, writes[w].size, acc);
+    } else {
+      fill_avx2<true>(writes[w].data, writes[w].size, acc);
+      streamed = true;
     }
   }
+  if (streamed) fence_avx2();
   return acc;
 }
 
