@@ -70,9 +70,11 @@ MIXPREC_AVX512 inline Vec16i op_select(Mask16 m, Vec16i a, Vec16i b) { return {_
 MIXPREC_AVX512 inline Vec16i op_andnot(Mask16 m, Vec16i a) {
   return {_mm512_maskz_mov_epi32(static_cast<__mmask16>(~m.k), a.v)};
 }
-// A mask in integer arithmetic, as its all-ones / zero lanes: m & b is b where m holds, else 0; a ^ m flips the
-// lanes where it holds, a - m adds one there.
-MIXPREC_AVX512 inline Vec16i operator&(Mask16 m, uint32_t b) { return {_mm512_maskz_mov_epi32(m.k, broadcast16i(b).v)}; }
+// A mask in integer arithmetic, as its all-ones / zero lanes: m & b is b where m holds, else 0 (one masked
+// instruction: the compiler folds the zero-masking into the one that computes b); a ^ m flips the lanes where it
+// holds, a - m adds one there.
+MIXPREC_AVX512 inline Vec16i operator&(Mask16 m, Vec16i b) { return {_mm512_maskz_mov_epi32(m.k, b.v)}; }
+MIXPREC_AVX512 inline Vec16i operator&(Mask16 m, uint32_t b) { return m & broadcast16i(b); }
 MIXPREC_AVX512 inline Vec16i operator^(Vec16i a, Mask16 m) {
   return {_mm512_mask_xor_epi32(a.v, m.k, a.v, _mm512_set1_epi32(-1))};
 }
@@ -81,12 +83,15 @@ MIXPREC_AVX512 inline Vec16i operator-(Vec16i a, Mask16 m) {
 }
 MIXPREC_AVX512 inline Vec16i op_iabs(Vec16i a) { return {_mm512_abs_epi32(a.v)}; }
 MIXPREC_AVX512 inline Vec16i op_imax(Vec16i a, Vec16i b) { return {_mm512_max_epi32(a.v, b.v)}; }
+MIXPREC_AVX512 inline Vec16i op_imax(Vec16i a, int32_t b) { return {_mm512_max_epi32(a.v, _mm512_set1_epi32(b))}; }
 MIXPREC_AVX512 inline Vec16i op_imin(Vec16i a, int32_t b) { return {_mm512_min_epi32(a.v, _mm512_set1_epi32(b))}; }
 MIXPREC_AVX512 inline Vec16i op_umax(Vec16i a, Vec16i b) { return {_mm512_max_epu32(a.v, b.v)}; }
-// psignd's semantics (there is no zmm psignd): -a where b < 0, 0 where b == 0, else a
-MIXPREC_AVX512 inline Vec16i op_isign(Vec16i a, Vec16i b) {
-  const __m512i kept = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(b.v, b.v), a.v);
-  return {_mm512_mask_sub_epi32(kept, _mm512_movepi32_mask(b.v), _mm512_setzero_si512(), a.v)};
+// (there is no zmm psignd: a mask from b, and the zero-masking folds into the instruction that computes a)
+MIXPREC_AVX512 inline Vec16i op_zero_where_zero(Vec16i a, Vec16i b) {
+  return {_mm512_maskz_mov_epi32(_mm512_test_epi32_mask(b.v, b.v), a.v)};
+}
+MIXPREC_AVX512 inline Vec16i op_negate_where_negative(Vec16i a, Vec16i b) {
+  return {_mm512_mask_sub_epi32(a.v, _mm512_movepi32_mask(b.v), _mm512_setzero_si512(), a.v)};
 }
 
 }  // namespace mixprec::avx512
