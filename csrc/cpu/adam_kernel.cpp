@@ -343,6 +343,31 @@ void store_outputs(const AdamBlock& b, int64_t i, const AdamSlots<typename L::F>
   }
 }
 
+// note: a software prefetch of every stream the update reads, 2 KB ahead in its largest one (the same distance in
+// elements for the others), as the unscale kernel does (unscale_kernel.cpp): the hardware prefetcher alone keeps
+// too few lines in flight. Measured on one core (CPU time, GPT-2 list): fp32 masters 37 -> 33 ms, no masters + SR
+// 34 -> 28 ms, remainder + bf16 states 26 -> 24 ms; 1 KB and 4 KB ahead did no better. Past the end it is
+// harmless (prefetches never fault).
+constexpr int64_t kPrefetchBytes = 2048;
+
+template <class K>
+void prefetch_streams(const AdamBlock& b, int64_t i) {
+  constexpr int64_t kSize = K::kDType == DType::Float32 ? 4 : 2;
+  constexpr int64_t kState = K::kState == StateKind::Fp32 ? 4 : K::kState == StateKind::BFloat16 ? 2 : 1;
+  constexpr int64_t kLargest = K::kMaster == MasterKind::Fp32 ? 4 : std::max(kSize, kState);
+  const int64_t j = i + kPrefetchBytes / kLargest;  // elements ahead
+  const auto ahead = [j](const void* p, int64_t size) {
+    __builtin_prefetch(static_cast<const char*>(p) + j * size, 0, 3);
+  };
+  if constexpr (!K::kWriteOnlyParam) ahead(b.param, kSize);
+  ahead(b.grad, kSize);
+  if constexpr (K::kMaster == MasterKind::Fp32) ahead(b.master, 4);
+  if constexpr (K::kMaster == MasterKind::Remainder) ahead(b.remainder, 2);
+  ahead(b.exp_avg, kState);
+  ahead(b.exp_avg_sq, kState);
+  if constexpr (K::kAms) ahead(b.max_exp_avg_sq, kState);
+}
+
 // Elements [begin, end) of the block (end - begin a multiple of L::kWidth): every load, the update, every store,
 // for variant K. With int8 states the elements belong to seg's quantization block, and their new moments go to
 // seg instead of memory.
@@ -370,6 +395,7 @@ void update_elements(const AdamBlock& block, const AdamCoeffs<typename L::F>& co
   const uint32_t index_hi = static_cast<uint32_t>(first >> 32);
   I index_lo = L::lane_index(static_cast<uint32_t>(first));
   for (int64_t i = begin; i < end; i += L::kWidth, index_lo = index_lo + static_cast<uint32_t>(L::kWidth)) {
+    if constexpr (L::kWidth > 1) prefetch_streams<K>(b, i);
     AdamSlots<F> s;
     if constexpr (K::kMaster == MasterKind::Fp32) s.param = L::load_f32(b.master, i);
     else if constexpr (K::kMaster == MasterKind::Remainder)

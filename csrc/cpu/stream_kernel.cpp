@@ -85,12 +85,12 @@ bool is_read(const ByteSpan& w, const ByteSpan* reads, int n_reads) {
 }  // namespace
 
 uint64_t stream_block(const ByteSpan* reads, int n_reads, const ByteSpan* writes, int n_writes, bool use_avx2) {
-  // note: the block goes in kSteps steps, each a 1/kSteps part of every array: the reads of a step, then its
-  // writes. So every array streams at once, as in a fused kernel that loads and stores all of them element by
-  // element (one array at a time, 32 KB each, restarts the hardware prefetcher on every switch: the Adam kernel
-  // measured 111-120% of such a ceiling), and an in-place array's lines are still in L1/L2 when written: main
-  // memory sees each line read once and written back once, the traffic of a fused in-place kernel.
-  constexpr int kSteps = 16;
+  // note: the block goes in kSteps steps, each a 1/kSteps part of every array (1 KB of the largest): the reads of
+  // a step, then its writes. So every array streams at once, as in a fused kernel that loads and stores all of
+  // them element by element (one array at a time, a whole block each, the Adam kernel measured 111-120% of the
+  // ceiling; steps of 2 KB, 100-104%), and an in-place array's lines are still in L1 when written: main memory
+  // sees each line read once and written back once, the traffic of a fused in-place kernel.
+  constexpr int kSteps = 128;
   const auto part = [](const ByteSpan& a, int step) {
     const int64_t begin = a.size * step / kSteps / 64 * 64;  // cache lines apart, as the blocks are
     const int64_t end = step + 1 == kSteps ? a.size : a.size * (step + 1) / kSteps / 64 * 64;
