@@ -32,22 +32,23 @@ struct Kind {
   static constexpr bool kAms = kAmsgrad, kDec = kDecoupled, kSR = kStochastic;
   // the storage type of fp32 / bf16 states (int8 codes are read apart)
   static constexpr DType kStateDType = S == StateKind::BFloat16 ? DType::BFloat16 : DType::Float32;
-  // with fp32 masters a half param is only written: the AVX2 kernel may store it without reading it first
+  // with fp32 masters a half param is only written: the vector kernels may store it without reading it first
   static constexpr bool kWriteOnlyParam = M == MasterKind::Fp32 && T != DType::Float32;
-  // some store rounds to bf16 on the bit pattern (RNE, SR, remainder split), whose NaN case the AVX2 kernel
-  // takes only for vectors that hold a NaN: the param's (w) if it is bf16, the moments' if they are bf16 (vmax is
+  // some store rounds to bf16 on the bit pattern (RNE, SR, remainder split), whose NaN case the vector kernels
+  // take only for vectors that hold a NaN: the param's (w) if it is bf16, the moments' if they are bf16 (vmax is
   // NaN only where v is: op_max's semantics)
   static constexpr bool kParamBits = T == DType::BFloat16 && M != MasterKind::Fp32;
   static constexpr bool kStateBits = S == StateKind::BFloat16;
   static constexpr bool kBf16Stores = kParamBits || kStateBits;
   // every stream has 16-bit or 8-bit elements: the AVX2 kernel works on 16 elements as even/odd halves
+  // (AVX-512 narrows and widens 16-bit lanes directly: no pairs there)
   static constexpr bool kPairs = T == DType::BFloat16 && M != MasterKind::Fp32 && S != StateKind::Fp32;
 };
 
 // ---- lanes: the loads and stores of one step of the kernel loop ----
 //
-// kWidth consecutive elements at a time: one (the portable kernel, and the AVX2 kernel's tails), 8 (AVX2) or 16
-// (AVX2 as even/odd pairs). F holds fp32 values, I 32-bit lanes (bit patterns, codes); the element math of
+// kWidth consecutive elements at a time: one (the portable kernel, and the vector kernels' tails), 8 (AVX2), 16
+// (AVX2 as even/odd pairs) or 16 (AVX-512). F holds fp32 values, I 32-bit lanes (bit patterns, codes); the element math of
 // mixprec/adam_math.h is instantiated for each. 16-bit elements come and go as the high half of a lane (hi16:
 // bf16 params and states, whose fp32 bits they are) or the low half (lo16, remainders; loaded sign-extended).
 // int8 codes load as the hi16 of their value before the scale (int8_value_hi16_*). "stash" keeps fp32 values in a
