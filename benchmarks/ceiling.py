@@ -10,12 +10,15 @@ GPU: a device-to-device copy (torch), moving the same number of bytes.
     gbps, timing = cpu_stream_gbps(read_bytes, write_bytes)
     fn = cpu_stream(read_bytes, write_bytes)   # to time it in the same rounds as the kernel it judges
 
-How the CPU figure compares to that OpenMP loop's: the loop did fp32 arithmetic; this kernel moves the same
-bytes (three arrays read and written back in place, one read only: Adam's pattern) with one XOR per 32 bytes
-and ordinary stores, so on the same machine it should match or beat it; if it falls short, the kernels judged
-against it are being flattered. `cpu_stream_gbps(4 * array, 3 * array, arrays=[(array, array)] * 3 + [(array,
-0)])` measures the same point; compare on a quiet machine (with others compiling on the 2 cores, every figure
-drops 2-4x).
+The kernel uses every memory technique the kernels it judges use, so none can beat it: reads with software
+prefetch (as the unscale kernel), arrays read and written in place with ordinary stores, write-only arrays
+with non-temporal stores (as the Adam kernel writes the half param beside fp32 masters: no read-for-ownership,
+so such a byte crosses the memory bus once). How the CPU figure compares to that OpenMP loop's: the loop did
+fp32 arithmetic with ordinary stores; this kernel moves the same bytes (three arrays read and written back in
+place, one read only: Adam's pattern) with one XOR per 32 bytes, so on the same machine it should match or beat
+it; if it falls short, the kernels judged against it are being flattered. `cpu_stream_gbps(4 * array,
+3 * array, arrays=[(array, array)] * 3 + [(array, 0)])` measures the same point; compare on a quiet machine
+(with others compiling on the 2 cores, every figure drops 2-4x).
 """
 from __future__ import annotations
 

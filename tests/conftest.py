@@ -17,14 +17,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(params=["avx2", "portable"])
+@pytest.fixture(params=["avx512", "avx2", "portable"])
 def cpu_simd(request, monkeypatch):
-    """Runs a CPU-kernel test with the AVX2 kernels and again with the portable ones."""
-    from mixprec.tools.info import cpu_flags
+    """Runs a CPU-kernel test with each CPU kernel: AVX-512, AVX2 and portable (skipping those the CPU lacks)."""
+    from tests.helpers import use_cpu_simd
 
-    if request.param == "avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
-        pytest.skip("CPU lacks AVX2/FMA/F16C")
-    monkeypatch.setenv("MIXPREC_CPU_SIMD", "1" if request.param == "avx2" else "0")
+    use_cpu_simd(f"cpu-{request.param}", monkeypatch)
     return request.param
 
 

@@ -23,9 +23,9 @@ from mixprec.testing import (
     relayout,
     run_reference,
 )
-from tests.helpers import assert_bitwise_equal, use_backend
+from tests.helpers import assert_bitwise_equal, special_values, use_backend
 
-BACKENDS = ["cpu-avx2", "cpu-portable", "triton"]
+BACKENDS = ["cpu-avx512", "cpu-avx2", "cpu-portable", "triton"]
 SIZES = (1, 7, 127, 129, 1000, 65537)
 CONFIGS = VARIANTS
 MODES = [(v, s) for v in VARIANTS for s in STATES]  # every master / param variant with every state kind
@@ -58,6 +58,34 @@ def test_matches_reference_bitwise(backend, config, n):
     expected = run_both(st, hyper(config, decoupled=decoupled, maximize=maximize), backend)
     assert_states_equal(st, expected, f"{backend} {config} n={n}")
     assert st["steps"][0].item() == 5.0
+
+
+# sizes around the vector steps of the CPU kernels (16 elements with AVX-512 and with the AVX2 pairs, 8 with AVX2)
+# and the 256-element int8 block: the vector loop, the scalar tail, a quantization block that ends mid-vector
+LANE_SIZES = (15, 16, 17, 31, 33, 255, 257, 4111)
+
+
+@pytest.mark.parametrize("cpu", ["cpu-avx512", "cpu-avx2", "cpu-portable"])
+@pytest.mark.parametrize("variant, state", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("n", LANE_SIZES)
+def test_lane_tails_and_specials(cpu, variant, state, n, monkeypatch):
+    """Every CPU kernel and mode on sizes around the vector widths, with NaN and inf in chosen lanes of the grads
+    (a NaN in a vector takes its NaN-aware stores; with int8 states a non-finite block takes the exact encoder while
+    its neighbours take the fast one) and subnormal / zero / special values in the fp32 value of the params."""
+    backend = use_backend(cpu, monkeypatch)
+    st = make_state([(n,)], variant, amsgrad=n % 2 == 1 and state != "int8", seed=n + 17, state=state)
+    grad = st["grads"][0]
+    for i, x in ((n // 2, float("nan")), (min(n - 1, 300), float("inf")), (n - 1, -float("inf"))):
+        if n > 20 or i == n // 2:  # the small sizes keep one NaN (the rest of their vector stays finite)
+            grad[i] = x
+    w = st["master_params"][0] if st["master_params"] else st["params"][0]
+    specials = special_values(w.dtype)
+    if n > len(specials) + 3:
+        w[3:3 + len(specials)] = torch.tensor(specials, dtype=w.dtype)
+    if st["param_remainders"]:  # the remainder master: the special values as its param, remainder 0
+        st["param_remainders"][0][3:3 + len(specials)] = 0
+    expected = run_both(st, hyper(variant), backend)
+    assert_states_equal(st, expected, f"{cpu} {variant} {state}state n={n}")
 
 
 # (amsgrad, decoupled, maximize, weight_decay, grad_scale, clip_coef, found_inf): Adam and AdamW, with and without

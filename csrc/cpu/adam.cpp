@@ -62,7 +62,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     }
   }
   const int state_size = args.state == StateKind::Fp32 ? 4 : args.state == StateKind::BFloat16 ? 2 : 1;
-  const bool use_avx2 = cpu_use_avx2();
+  const CpuSimd simd = cpu_simd();
   // note: blocks are handed out one at a time from a shared counter rather than split statically by
   // at::parallel_for: a core slowed by another process (2 shared cores here) then takes fewer blocks
   // instead of making the whole step wait for its fixed half. Which thread updates a block does not change
@@ -98,7 +98,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
           keys[t]};
       const cpu::AdamVariant variant{args.dtypes[t], args.master, args.state, args.amsgrad, decoupled,
                                      args.stochastic && args.dtypes[t] == DType::BFloat16};
-      cpu::adam_block(block, variant, coeffs[t], flags, use_avx2);
+      cpu::adam_block(block, variant, coeffs[t], flags, simd);
     }
   });
   for (size_t t = 0; t < n; ++t) steps[t].data_ptr<float>()[0] += 1.f;

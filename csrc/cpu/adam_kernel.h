@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu_features.h"
 #include "mixprec/adam_math.h"
 
 namespace mixprec::cpu {
@@ -35,8 +36,8 @@ struct AdamBlock {
   uint32_t sr_key;           // sr_key(seed, tensor position, step), stochastic only
 };
 
-// The update of one block. use_avx2: from cpu_use_avx2(), asked once per op call.
+// The update of one block. simd: from cpu_simd(), asked once per op call.
 void adam_block(const AdamBlock& block, const AdamVariant& variant, const AdamCoeffs<float>& coeffs,
-                const AdamFlags& flags, bool use_avx2);
+                const AdamFlags& flags, CpuSimd simd);
 
 }  // namespace mixprec::cpu

@@ -70,7 +70,10 @@ MIXPREC_AVX2 inline Vec8i op_iabs(Vec8i a) { return {_mm256_abs_epi32(a.v)}; }
 MIXPREC_AVX2 inline Vec8i op_imax(Vec8i a, Vec8i b) { return {_mm256_max_epi32(a.v, b.v)}; }
 MIXPREC_AVX2 inline Vec8i op_imin(Vec8i a, int32_t b) { return {_mm256_min_epi32(a.v, _mm256_set1_epi32(b))}; }
 MIXPREC_AVX2 inline Vec8i op_umax(Vec8i a, Vec8i b) { return {_mm256_max_epu32(a.v, b.v)}; }
-MIXPREC_AVX2 inline Vec8i op_isign(Vec8i a, Vec8i b) { return {_mm256_sign_epi32(a.v, b.v)}; }
+MIXPREC_AVX2 inline Vec8i op_imax(Vec8i a, int32_t b) { return {_mm256_max_epi32(a.v, _mm256_set1_epi32(b))}; }
+// psignd, under the preconditions of rounding.h's scalar functions
+MIXPREC_AVX2 inline Vec8i op_zero_where_zero(Vec8i a, Vec8i b) { return {_mm256_sign_epi32(a.v, b.v)}; }
+MIXPREC_AVX2 inline Vec8i op_negate_where_negative(Vec8i a, Vec8i b) { return {_mm256_sign_epi32(a.v, b.v)}; }
 
 // The largest of the 8 lanes, unsigned.
 MIXPREC_AVX2 inline uint32_t hmax_u32(Vec8i a) {
@@ -93,7 +96,7 @@ MIXPREC_AVX2 inline Vec16w operator&(Vec16w a, uint32_t b) {
 MIXPREC_AVX2 inline Vec16w operator|(Vec16w a, Vec16w b) { return {_mm256_or_si256(a.v, b.v)}; }
 MIXPREC_AVX2 inline Vec16w operator<<(Vec16w a, int n) { return {_mm256_slli_epi16(a.v, n)}; }
 MIXPREC_AVX2 inline Vec16w op_iabs(Vec16w a) { return {_mm256_abs_epi16(a.v)}; }
-MIXPREC_AVX2 inline Vec16w op_isign(Vec16w a, Vec16w b) { return {_mm256_sign_epi16(a.v, b.v)}; }
+MIXPREC_AVX2 inline Vec16w op_zero_where_zero(Vec16w a, Vec16w b) { return {_mm256_sign_epi16(a.v, b.v)}; }
 
 // Two vectors processed as one value: 16 elements, e holding the even ones and o the odd ones of 16 consecutive
 // elements. A 256-bit load of 16 16-bit values splits into (e, o) with one shift or mask each, no shuffle: this is
@@ -137,7 +140,9 @@ MIXPREC_PAIR_UNARY(op_iabs)
 MIXPREC_PAIR_BINARY(op_imax)
 MIXPREC_PAIR_WITH_SCALAR(op_imin, int32_t)
 MIXPREC_PAIR_BINARY(op_umax)
-MIXPREC_PAIR_BINARY(op_isign)
+MIXPREC_PAIR_WITH_SCALAR(op_imax, int32_t)
+MIXPREC_PAIR_BINARY(op_zero_where_zero)
+MIXPREC_PAIR_BINARY(op_negate_where_negative)
 MIXPREC_PAIR_WITH_SCALAR(op_sra, int)
 MIXPREC_PAIR_OPERATOR(+)
 MIXPREC_PAIR_OPERATOR(-)

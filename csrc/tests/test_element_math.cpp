@@ -7,7 +7,9 @@
 #include <cstdio>
 #include <random>
 
+#include "../cpu/cpu_features.h"
 #include "../cpu/simd_avx2.h"
+#include "../cpu/simd_avx512.h"
 #include "mixprec/adam_math.h"
 #include "mixprec/rounding.h"
 #include "mixprec/unscale_math.h"
@@ -202,7 +204,7 @@ MIXPREC_AVX2 __attribute__((flatten)) void check_avx2_lanes(std::mt19937& rng) {
     store(got[5], ev);
     store(got[6], emp.o);
     store(got[7], spp.param.o);
-    store(got[8], mixprec::avx2::op_isign(Vec8i{em.v}, load(in)));
+    store(got[8], mixprec::avx2::op_negate_where_negative(Vec8i{em.v}, load(in)));
     for (int k = 0; k < 8; ++k) {
       const float f = mixprec::bits_float(in[k]), f8 = mixprec::bits_float(in[8 + k]);
       const auto ss = mixprec::remainder_split(f);
@@ -215,7 +217,11 @@ MIXPREC_AVX2 __attribute__((flatten)) void check_avx2_lanes(std::mt19937& rng) {
       check(got[5][k] == mixprec::int8_encode_v(f, 1.f), "int8_encode_v on 8 lanes", in[k], got[5][k],
             mixprec::int8_encode_v(f, 1.f));
       check(got[6][k] == mixprec::int8_encode_m(f8, 1.f), "int8_encode_m on pairs", in[8 + k], got[6][k], 0);
-      check(got[8][k] == mixprec::op_isign(got[4][k], in[k]), "op_isign on 8 lanes", in[k], got[8][k], 0);
+      // (psignd: the same as the scalar function wherever its precondition holds)
+      if (in[k] != 0u) {
+        check(got[8][k] == mixprec::op_negate_where_negative(got[4][k], in[k]), "op_negate_where_negative on 8 lanes",
+              in[k], got[8][k], 0);
+      }
     }
   }
   // int8 decode on 8 32-bit lanes and 16 16-bit lanes: every code
@@ -240,6 +246,80 @@ MIXPREC_AVX2 __attribute__((flatten)) void check_avx2_lanes(std::mt19937& rng) {
       const uint32_t want = mixprec::int8_value_hi16_v(c0 + k);
       check(static_cast<uint16_t>(hi16[k]) == want && (k >= 8 || got8[k] == want), "int8_value_hi16_v on lanes",
             c0 + k, static_cast<uint16_t>(hi16[k]), want);
+    }
+  }
+}
+
+using mixprec::avx512::Vec16;
+using mixprec::avx512::Vec16i;
+MIXPREC_AVX512 Vec16i load16(const uint32_t* p) { return {_mm512_loadu_si512(p)}; }
+MIXPREC_AVX512 void store16(uint32_t* p, Vec16i v) { _mm512_storeu_si512(p, v.v); }
+MIXPREC_AVX512 Vec16 load16f(const uint32_t* p) { return {_mm512_castsi512_ps(load16(p).v)}; }
+
+// The AVX-512 lanes (16 fp32 lanes, comparisons into mask registers) against the scalar functions, on random bit
+// patterns (NaN, inf, subnormals) and on values in [-1, 1], where the int8 codes are not all 0 / kmax; flatten, as
+// in the CPU kernel.
+MIXPREC_AVX512 __attribute__((flatten)) void check_avx512_lanes(std::mt19937& rng) {
+  alignas(64) uint32_t in[16], r16[16], got[10][16];
+  const uint32_t key = mixprec::sr_key(1234u, 7u, 3u);
+  const Vec16 one = mixprec::avx512::broadcast16(1.f);
+  for (int iter = 0; iter < 200000; ++iter) {
+    for (int k = 0; k < 16; ++k) in[k] = rng();
+    if (iter % 2) {
+      for (int k = 0; k < 16; ++k) {
+        in[k] = mixprec::float_bits(std::ldexp(std::uniform_real_distribution<float>(-1.f, 1.f)(rng), -static_cast<int>(rng() % 24)));
+      }
+    }
+    for (int k = 0; k < 16; ++k) r16[k] = rng() & 0xffffu;
+    const uint32_t lo = rng(), hi = rng() % 4;
+    const Vec16i lanes{_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(lo)),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))};
+    const Vec16 x = load16f(in);
+    const auto split = mixprec::remainder_split(x);
+    store16(got[0], split.param);
+    store16(got[1], split.remainder);
+    store16(got[2], mixprec::bf16_rne_bits(x));
+    store16(got[3], mixprec::bf16_sr_bits(x, load16(r16)));
+    store16(got[4], mixprec::int8_encode_m(x, one));
+    store16(got[5], mixprec::int8_encode_v(x, one));
+    store16(got[6], mixprec::sr_bits(key, lanes, hi));
+    // the fast encoder where its precondition holds: |x| * inv in [0, 1] (the scale is the absmax)
+    store16(got[7], mixprec::int8_encode_m<false>(x, one));
+    store16(got[8], mixprec::int8_encode_v<false>(mixprec::avx512::op_abs(x), one));
+    // bytes 0..255 read as non-negative (outside the m codes): still the scalar function
+    store16(got[9], mixprec::int8_value_hi16_m(load16(r16) & 0xffu));
+    for (int k = 0; k < 16; ++k) {
+      const float f = mixprec::bits_float(in[k]);
+      const auto ss = mixprec::remainder_split(f);
+      check(got[0][k] == ss.param && got[1][k] == ss.remainder, "remainder_split on 16 lanes", in[k], got[0][k], ss.param);
+      check(got[2][k] == mixprec::bf16_rne_bits(f), "bf16_rne_bits on 16 lanes", in[k], got[2][k], mixprec::bf16_rne_bits(f));
+      check(got[3][k] == mixprec::bf16_sr_bits(f, r16[k]), "bf16_sr_bits on 16 lanes", in[k], got[3][k], 0);
+      check(got[4][k] == mixprec::int8_encode_m(f, 1.f), "int8_encode_m on 16 lanes", in[k], got[4][k],
+            mixprec::int8_encode_m(f, 1.f));
+      check(got[5][k] == mixprec::int8_encode_v(f, 1.f), "int8_encode_v on 16 lanes", in[k], got[5][k],
+            mixprec::int8_encode_v(f, 1.f));
+      check(got[6][k] == mixprec::sr_bits(key, lo + k, hi), "sr_bits on 16 lanes", lo + k, got[6][k], 0);
+      if (iter % 2) {
+        check(got[7][k] == mixprec::int8_encode_m(f, 1.f), "int8_encode_m<false> on 16 lanes", in[k], got[7][k],
+              mixprec::int8_encode_m(f, 1.f));
+        check(got[8][k] == mixprec::int8_encode_v(std::fabs(f), 1.f), "int8_encode_v<false> on 16 lanes", in[k],
+              got[8][k], mixprec::int8_encode_v(std::fabs(f), 1.f));
+      }
+      const uint32_t code = r16[k] & 0xffu;
+      check(got[9][k] == mixprec::int8_value_hi16_m(code), "int8_value_hi16_m on 16 lanes", code, got[9][k], 0);
+    }
+  }
+  // the decodes of every code, m's sign-extended (int8) and v's zero-extended (uint8)
+  alignas(64) uint32_t codes[16];
+  for (uint32_t c0 = 0; c0 < 256; c0 += 16) {
+    for (int k = 0; k < 16; ++k) codes[k] = static_cast<uint32_t>(static_cast<int32_t>(static_cast<int8_t>(c0 + k)));
+    store16(got[0], mixprec::int8_value_hi16_m(load16(codes)));
+    for (int k = 0; k < 16; ++k) codes[k] = c0 + k;
+    store16(got[1], mixprec::int8_value_hi16_v(load16(codes)));
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t m = static_cast<uint32_t>(static_cast<int32_t>(static_cast<int8_t>(c0 + k)));
+      check(got[0][k] == mixprec::int8_value_hi16_m(m), "int8_value_hi16_m on 16 lanes", c0 + k, got[0][k], 0);
+      check(got[1][k] == mixprec::int8_value_hi16_v(c0 + k), "int8_value_hi16_v on 16 lanes", c0 + k, got[1][k], 0);
     }
   }
 }
@@ -322,6 +402,11 @@ int main() {
     check_avx2_lanes(rng);
   } else {
     std::printf("no AVX2 here: the 8/16-lane checks are skipped\n");
+  }
+  if (mixprec::cpu_supports_avx512()) {
+    check_avx512_lanes(rng);
+  } else {
+    std::printf("no AVX-512 here: the zmm-lane checks are skipped\n");
   }
 
   if (failures) {

@@ -218,15 +218,14 @@ inline constexpr uint32_t kInt8BiasV = 761, kInt8MaxV = 255;  // value(255) = 1.
 
 // The values are bf16 numbers (their low 16 bits are 0): these give the high 16 bits of sign(c) * value(|c|)
 // (m: c the int8 code sign-extended) and value(k) (v: k the uint8 code), in lanes of 16 bits or more.
-// (op_isign(x, k) with k >= 0 is x, or 0 where k == 0.)
 template <class I>
 MIXPREC_HD I int8_value_hi16_m(I c) {
   const I k = op_iabs(c);
-  return op_isign((k + kInt8BiasM) << 4, k) | (c & 0x8000u);
+  return op_zero_where_zero(((k + kInt8BiasM) << 4) | (c & 0x8000u), k);
 }
 template <class I>
 MIXPREC_HD I int8_value_hi16_v(I k) {
-  return op_isign((k + kInt8BiasV) << 4, k);
+  return op_zero_where_zero((k + kInt8BiasV) << 4, k);
 }
 
 // The decoded moment from the code's value (int8_value_hi16_*, placed as hi16) and the block's scale.
@@ -251,23 +250,24 @@ constexpr float int8_half_value1(uint32_t bias) {
 // kExact = false: the caller knows the block's scale and inv are finite, so x (a product of non-negative finite
 // floats) is in [+0, 1 + 2^-23] and never NaN (|value| <= scale, and scale * RN(1 / scale) <= 1 + 2^-24): then its
 // bits need no sign mask, k <= kMax already, and the bias can be taken off before the shift (an arithmetic shift,
-// exact: bias << 20 is a multiple of 2^20, and nothing overflows).
+// exact: bias << 20 is a multiple of 2^20, and nothing overflows); and below value(1) / 2 the rounded k is < 1 - 7,
+// so "x >= value(1) / 2 ? max(k, 1) : 0" is the same code (one masked max on AVX-512).
 template <uint32_t kBias, uint32_t kMax, bool kExact, class F>
 MIXPREC_HD auto int8_code_magnitude(F x) {
   constexpr float kHalfValue1 = int8_half_value1(kBias);
-  const auto near_one = op_ge(x, kHalfValue1) & 1u;
   if constexpr (kExact) {
+    const auto near_one = op_ge(x, kHalfValue1) & 1u;
     const auto a = op_bits(x) & 0x7fffffffu;
     const auto r = (a + 0x7ffffu + ((a >> 20) & 1u)) >> 20;
     return op_imin(op_imax(r - kBias, near_one), static_cast<int32_t>(kMax));
   } else {
     const auto a = op_bits(x);
-    return op_imax(op_sra(a + (0x7ffffu - (kBias << 20)) + ((a >> 20) & 1u), 20), near_one);
+    return op_ge(x, kHalfValue1) & op_imax(op_sra(a + (0x7ffffu - (kBias << 20)) + ((a >> 20) & 1u), 20), 1);
   }
 }
 
 // The int8 code of m in a 32-bit lane (two's complement): -k when m < 0, so -0.0 and NaN get k. (In the
-// !kExact case no m is NaN, and -0.0 has k = 0: the sign bit of m decides alike.)
+// !kExact case no m is NaN, and -0.0 and +0.0 have k = 0: the sign bit of m decides alike.)
 template <bool kExact = true, class F>
 MIXPREC_HD auto int8_encode_m(F m, F inv) {
   const auto k = int8_code_magnitude<kInt8BiasM, kInt8MaxM, kExact>(op_mul(op_abs(m), inv));
@@ -275,7 +275,7 @@ MIXPREC_HD auto int8_encode_m(F m, F inv) {
     const auto neg = op_lt(m, 0.f);
     return (k ^ neg) - neg;
   } else {
-    return op_isign(k, op_bits(m));
+    return op_negate_where_negative(k, op_bits(m));
   }
 }
 

@@ -64,10 +64,11 @@ MIXPREC_HD uint32_t op_imin(uint32_t a, int32_t b) {
 }
 MIXPREC_HD uint32_t op_umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
 MIXPREC_HD uint32_t op_sra(uint32_t a, int n) { return static_cast<uint32_t>(static_cast<int32_t>(a) >> n); }
-// a with the sign of b, as x86's psignd: -a where b < 0, 0 where b == 0, else a
-MIXPREC_HD uint32_t op_isign(uint32_t a, uint32_t b) {
-  const int32_t sb = static_cast<int32_t>(b);
-  return sb < 0 ? 0u - a : sb == 0 ? 0u : a;
+// a, or 0 where b == 0; for b >= 0 (x86's psignd there: AVX2 does it in one instruction, AVX-512 with a mask)
+MIXPREC_HD uint32_t op_zero_where_zero(uint32_t a, uint32_t b) { return b == 0u ? 0u : a; }
+// -a where b < 0 (signed), else a; for b == 0 only where a == 0 (psignd's semantics there, as above)
+MIXPREC_HD uint32_t op_negate_where_negative(uint32_t a, uint32_t b) {
+  return static_cast<int32_t>(b) < 0 ? 0u - a : a;
 }
 
 // The fp32 bits of f rounded to nearest even at bit 16, so that bf16(f) is the high half: add half an ulp (minus
