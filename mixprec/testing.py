@@ -14,6 +14,13 @@ from mixprec import reference
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# MIXPREC_CPU_SIMD for each CPU kernel, and the CPU flags it needs (csrc/cpu/cpu_features.h), best first
+CPU_SIMD = {
+    "cpu-avx512": ("avx512", {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"}),
+    "cpu-avx2": ("avx2", {"avx2", "fma", "f16c"}),
+    "cpu-portable": ("0", set()),
+}
+
 def special_values(dtype: torch.dtype) -> list[float]:
     """inf, NaN, the largest finite value, and the smallest subnormal / normal of dtype."""
     fi = torch.finfo(dtype)

@@ -1,12 +1,12 @@
 """The test helpers live in the package (mixprec/testing.py) because `python -m mixprec selftest` uses them too."""
-from mixprec.testing import DTYPES, assert_bitwise_equal, assert_close, random_grad, special_values  # noqa: F401
-
-# MIXPREC_CPU_SIMD for each CPU kernel, and the CPU flags it needs (csrc/cpu/cpu_features.h)
-CPU_SIMD = {
-    "cpu-avx512": ("avx512", {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"}),
-    "cpu-avx2": ("avx2", {"avx2", "fma", "f16c"}),
-    "cpu-portable": ("0", set()),
-}
+from mixprec.testing import (  # noqa: F401
+    CPU_SIMD,
+    DTYPES,
+    assert_bitwise_equal,
+    assert_close,
+    random_grad,
+    special_values,
+)
 
 
 def use_cpu_simd(name: str, monkeypatch) -> None:

@@ -41,15 +41,14 @@ class Backend:
 
 def backends(device: str) -> list[Backend]:
     """The backends an op can be checked with on `device` here (every op uses this one list)."""
-    from mixprec import _backend, _ext
+    from mixprec import _backend, _ext, testing
     from mixprec.tools.info import cpu_flags
 
     out = []
     if device == "cpu":
         if _ext.available():
-            if {"avx2", "fma", "f16c"} <= cpu_flags():
-                out.append(Backend("cpu-avx2", "cpu", {"MIXPREC_CPU_SIMD": "1"}))
-            out.append(Backend("cpu-portable", "cpu", {"MIXPREC_CPU_SIMD": "0"}))
+            out += [Backend(name, "cpu", {"MIXPREC_CPU_SIMD": env}) for name, (env, flags) in testing.CPU_SIMD.items()
+                    if flags <= cpu_flags()]
         if _backend.triton_available() and _backend.triton_interpreter_enabled():
             out.append(Backend("triton-interp", "triton", {}))
     else:
