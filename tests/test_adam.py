@@ -60,9 +60,10 @@ def test_matches_reference_bitwise(backend, config, n):
     assert st["steps"][0].item() == 5.0
 
 
-# sizes around the vector steps of the CPU kernels (16 elements with AVX-512 and with the AVX2 pairs, 8 with AVX2)
-# and the 256-element int8 block: the vector loop, the scalar tail, a quantization block that ends mid-vector
-LANE_SIZES = (15, 16, 17, 31, 33, 255, 257, 4111)
+# sizes around the vector steps of the CPU kernels (16 elements with AVX-512 and with the AVX2 pairs, 32 with the
+# AVX-512 pairs, 8 with AVX2) and the 256-element int8 block: the vector loop, the scalar tail, a quantization block
+# that ends mid-vector
+LANE_SIZES = (15, 16, 17, 31, 32, 33, 63, 65, 255, 257, 4111)
 
 
 @pytest.mark.parametrize("cpu", ["cpu-avx512", "cpu-avx2", "cpu-portable"])

@@ -40,15 +40,15 @@ struct Kind {
   static constexpr bool kParamBits = T == DType::BFloat16 && M != MasterKind::Fp32;
   static constexpr bool kStateBits = S == StateKind::BFloat16;
   static constexpr bool kBf16Stores = kParamBits || kStateBits;
-  // every stream has 16-bit or 8-bit elements: the AVX2 kernel works on 16 elements as even/odd halves
-  // (AVX-512 narrows and widens 16-bit lanes directly: no pairs there)
+  // every stream has 16-bit or 8-bit elements: the vector kernels work on 16 (AVX2) or 32 (AVX-512) elements as
+  // even/odd halves
   static constexpr bool kPairs = T == DType::BFloat16 && M != MasterKind::Fp32 && S != StateKind::Fp32;
 };
 
 // ---- lanes: the loads and stores of one step of the kernel loop ----
 //
 // kWidth consecutive elements at a time: one (the portable kernel, and the vector kernels' tails), 8 (AVX2), 16
-// (AVX2 as even/odd pairs) or 16 (AVX-512). F holds fp32 values, I 32-bit lanes (bit patterns, codes); the element math of
+// (AVX2 as even/odd pairs), 16 (AVX-512) or 32 (AVX-512 as even/odd pairs). F holds fp32 values, I 32-bit lanes (bit patterns, codes); the element math of
 // mixprec/adam_math.h is instantiated for each. 16-bit elements come and go as the high half of a lane (hi16:
 // bf16 params and states, whose fp32 bits they are) or the low half (lo16, remainders; loaded sign-extended).
 // int8 codes load as the hi16 of their value before the scale (int8_value_hi16_*). "stash" keeps fp32 values in a
@@ -284,6 +284,84 @@ struct Avx512Lanes {
   MIXPREC_AVX512 static void fence() { _mm_sfence(); }
 };
 
+// 32 elements as (even, odd) zmm halves (avx2::Pair<avx512::Vec16>), for the same variants as PairLanes: one 512-bit
+// load of 32 16-bit values splits into the halves with one shift or mask each, and the halves merge back with a
+// shift and one vpternlogd, where Avx512Lanes spends a widening load (vpmovzxwd, a shuffle) per 16 elements and a
+// vpermw per 16 stored. The compact modes are instruction-throughput bound on AVX-512 (see simd_avx512.h), so these
+// shuffles were a large share of their instructions. Measured (GCC 12, AdamW loop per 16 elements, instructions of
+// the update loop and, int8, the encode loop; bench adam_modes, 4 runs each, % of the stream ceiling): remainder +
+// bf16 states 67 -> 52 instructions, 82-88% -> 86-92%; remainder + int8 states 97 -> 83, 55-57% -> 60-63%.
+struct Avx512PairLanes {
+  static constexpr int kWidth = 32;
+  using F = avx2::Pair<avx512::Vec16>;
+  using I = avx2::Pair<avx512::Vec16i>;
+  MIXPREC_AVX512 static __m512i load512(const void* p, int64_t i, int size) {
+    return _mm512_loadu_si512(Avx2Lanes::at(p, i, size));
+  }
+  MIXPREC_AVX512 static void store512(void* p, int64_t i, __m512i v) { _mm512_storeu_si512(Avx2Lanes::at(p, i, 2), v); }
+  // the high halves of each 32-bit lane of x as (even, odd): element 2j is the low 16 bits of lane j
+  MIXPREC_AVX512 static I split_hi16(__m512i x) {
+    return {{_mm512_slli_epi32(x, 16)}, {_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xffff0000u)))}};
+  }
+  // (a | (b & c)), one vpternlogd: 0xf0, 0xcc, 0xaa are the truth tables of a, b, c
+  MIXPREC_AVX512 static __m512i or_and(__m512i a, __m512i b, __m512i c) {
+    return _mm512_ternarylogic_epi32(a, b, c, 0xf0 | (0xcc & 0xaa));
+  }
+  MIXPREC_AVX512 static F broadcast(float x) { return {avx512::broadcast16(x), avx512::broadcast16(x)}; }
+  MIXPREC_AVX512 static I load_hi16(const void* p, int64_t i) { return split_hi16(load512(p, i, 2)); }
+  MIXPREC_AVX512 static I load_lo16s(const void* p, int64_t i) {
+    const __m512i x = load512(p, i, 2);
+    return {{_mm512_srai_epi32(_mm512_slli_epi32(x, 16), 16)}, {_mm512_srai_epi32(x, 16)}};
+  }
+  MIXPREC_AVX512 static void store_hi16(void* p, int64_t i, I t) {
+    store512(p, i, or_and(_mm512_srli_epi32(t.e.v, 16), t.o.v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  MIXPREC_AVX512 static void store_lo16(void* p, int64_t i, I t) {
+    store512(p, i, or_and(_mm512_slli_epi32(t.o.v, 16), t.e.v, _mm512_set1_epi32(0xffff)));
+  }
+  // 32 codes widened to 16-bit lanes in order (vpmovsxbw / vpmovzxbw), decoded there 32 at a time, then split like
+  // hi16 values
+  MIXPREC_AVX512 static I load_value_m(const void* p, int64_t i) {
+    return split_hi16(int8_value_hi16_m(avx512::Vec32w{_mm512_cvtepi8_epi16(Avx512Lanes::load256(p, i, 1))}).v);
+  }
+  MIXPREC_AVX512 static I load_value_v(const void* p, int64_t i) {
+    return split_hi16(int8_value_hi16_v(avx512::Vec32w{_mm512_cvtepu8_epi16(Avx512Lanes::load256(p, i, 1))}).v);
+  }
+  // the even code in the low byte of each lane's low word, the odd one in its high byte (one vpternlogd picks the
+  // bits: m's codes may be negative, and a bitwise select drops their sign bits), then vpmovdw keeps the low
+  // words: the 32 codes in order
+  MIXPREC_AVX512 static __m256i merge_codes(I k) {
+    // (a ? b : c bitwise, with a = 0xff: the truth table (0xf0 & 0xcc) | (~0xf0 & 0xaa))
+    const __m512i bytes = _mm512_ternarylogic_epi32(_mm512_set1_epi32(0xff), k.e.v, _mm512_slli_epi32(k.o.v, 8), 0xca);
+    return _mm512_cvtepi32_epi16(bytes);
+  }
+  MIXPREC_AVX512 static void store_codes(void* pm, void* pv, int64_t i, I km, I kv) {
+    _mm256_storeu_si256(static_cast<__m256i*>(Avx2Lanes::at(pm, i, 1)), merge_codes(km));
+    _mm256_storeu_si256(static_cast<__m256i*>(Avx2Lanes::at(pv, i, 1)), merge_codes(kv));
+  }
+  MIXPREC_AVX512 static void stash(float* p, int64_t i, F v) {
+    _mm512_storeu_ps(p + i, v.e.v);
+    _mm512_storeu_ps(p + i + 16, v.o.v);
+  }
+  MIXPREC_AVX512 static F unstash(const float* p, int64_t i) {
+    return {{_mm512_loadu_ps(p + i)}, {_mm512_loadu_ps(p + i + 16)}};
+  }
+  MIXPREC_AVX512 static I lane_index(uint32_t first) {
+    const __m512i base = _mm512_set1_epi32(static_cast<int>(first));
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    return {{_mm512_add_epi32(base, even)}, {_mm512_add_epi32(base, _mm512_add_epi32(even, _mm512_set1_epi32(1)))}};
+  }
+  MIXPREC_AVX512 static bool any_nan(F a, F b, F c) {
+    return (_mm512_cmp_ps_mask(a.e.v, b.e.v, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(a.o.v, b.o.v, _CMP_UNORD_Q) |
+            _mm512_cmp_ps_mask(c.e.v, c.o.v, _CMP_UNORD_Q)) != 0;
+  }
+  MIXPREC_AVX512 static bool any_nan(F a) { return _mm512_cmp_ps_mask(a.e.v, a.o.v, _CMP_UNORD_Q) != 0; }
+  MIXPREC_AVX512 static uint32_t hmax(I v) {
+    return static_cast<uint32_t>(_mm512_reduce_max_epu32(_mm512_max_epu32(v.e.v, v.o.v)));
+  }
+  MIXPREC_AVX512 static void fence() { _mm_sfence(); }
+};
+
 // A value of storage type T: loaded to fp32, stored rounded to nearest even.
 template <DType T, class L>
 typename L::F load_value(const void* p, int64_t i) {
@@ -506,11 +584,11 @@ MIXPREC_AVX2 __attribute__((flatten)) void adam_avx2(const AdamBlock& b, const A
   adam_block_impl<K, std::conditional_t<K::kPairs, PairLanes, Avx2Lanes>>(b, c, flags);
 }
 
-// The same with the AVX-512 lanes (every variant: 16 lanes narrow and widen 16-bit streams without pairs).
+// The same with the AVX-512 lanes (as pairs of zmm halves where every stream is 16-bit or 8-bit).
 template <class K>
 MIXPREC_AVX512 __attribute__((flatten)) void adam_avx512(const AdamBlock& b, const AdamCoeffs<float>& c,
                                                           const AdamFlags& flags) {
-  adam_block_impl<K, Avx512Lanes>(b, c, flags);
+  adam_block_impl<K, std::conditional_t<K::kPairs, Avx512PairLanes, Avx512Lanes>>(b, c, flags);
 }
 
 template <class K>

@@ -101,7 +101,8 @@ MIXPREC_AVX2 inline Vec16w op_zero_where_zero(Vec16w a, Vec16w b) { return {_mm2
 // Two vectors processed as one value: 16 elements, e holding the even ones and o the odd ones of 16 consecutive
 // elements. A 256-bit load of 16 16-bit values splits into (e, o) with one shift or mask each, no shuffle: this is
 // the CPU kernel's layout when every stream of the update has 16-bit (or 8-bit) elements. Every operation
-// applies to both halves.
+// applies to both halves. The AVX-512 kernel uses the same template on zmm halves (Pair<avx512::Vec16>: 32
+// elements; the avx2 attribute here is a subset of the caller's, so the flattened avx512 function inlines it all).
 template <class V>
 struct Pair {
   V e, o;
@@ -117,11 +118,17 @@ struct Pair {
 #define MIXPREC_PAIR_WITH_SCALAR(name, S)                                                           \
   template <class V>                                                                                \
   MIXPREC_AVX2 inline auto name(Pair<V> a, S b) { return Pair<decltype(name(a.e, b))>{name(a.e, b), name(a.o, b)}; }
+// (the halves' types may differ: AVX-512 masks are a type of their own, and m & b, a ^ m, a - m mix them with
+// integer lanes, see simd_avx512.h)
 #define MIXPREC_PAIR_OPERATOR(op)                                                                   \
+  template <class V, class W>                                                                       \
+  MIXPREC_AVX2 inline auto operator op(Pair<V> a, Pair<W> b) {                                      \
+    return Pair<decltype(a.e op b.e)>{a.e op b.e, a.o op b.o};                                      \
+  }                                                                                                 \
   template <class V>                                                                                \
-  MIXPREC_AVX2 inline Pair<V> operator op(Pair<V> a, Pair<V> b) { return {a.e op b.e, a.o op b.o}; } \
-  template <class V>                                                                                \
-  MIXPREC_AVX2 inline Pair<V> operator op(Pair<V> a, uint32_t b) { return {a.e op b, a.o op b}; }
+  MIXPREC_AVX2 inline auto operator op(Pair<V> a, uint32_t b) {                                     \
+    return Pair<decltype(a.e op b)>{a.e op b, a.o op b};                                            \
+  }
 MIXPREC_PAIR_BINARY(op_add)
 MIXPREC_PAIR_BINARY(op_mul)
 MIXPREC_PAIR_BINARY(op_div)

@@ -94,4 +94,23 @@ MIXPREC_AVX512 inline Vec16i op_negate_where_negative(Vec16i a, Vec16i b) {
   return {_mm512_mask_sub_epi32(a.v, _mm512_movepi32_mask(b.v), _mm512_setzero_si512(), a.v)};
 }
 
+// 32 16-bit integer lanes: only what the int8 decode (int8_value_hi16_*) needs, which then runs on 32 codes at once
+// (the pair lanes of the AVX-512 kernel, as avx2::Vec16w does for the AVX2 ones).
+struct Vec32w {
+  __m512i v;
+};
+MIXPREC_AVX512 inline Vec32w operator+(Vec32w a, uint32_t b) {
+  return {_mm512_add_epi16(a.v, _mm512_set1_epi16(static_cast<int16_t>(b)))};
+}
+MIXPREC_AVX512 inline Vec32w operator&(Vec32w a, uint32_t b) {
+  return {_mm512_and_si512(a.v, _mm512_set1_epi16(static_cast<int16_t>(b)))};
+}
+MIXPREC_AVX512 inline Vec32w operator|(Vec32w a, Vec32w b) { return {_mm512_or_si512(a.v, b.v)}; }
+MIXPREC_AVX512 inline Vec32w operator<<(Vec32w a, int n) { return {_mm512_slli_epi16(a.v, n)}; }
+MIXPREC_AVX512 inline Vec32w op_iabs(Vec32w a) { return {_mm512_abs_epi16(a.v)}; }
+// (no zmm psignw either: as op_zero_where_zero on Vec16i)
+MIXPREC_AVX512 inline Vec32w op_zero_where_zero(Vec32w a, Vec32w b) {
+  return {_mm512_maskz_mov_epi16(_mm512_test_epi16_mask(b.v, b.v), a.v)};
+}
+
 }  // namespace mixprec::avx512

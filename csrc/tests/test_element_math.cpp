@@ -322,6 +322,24 @@ MIXPREC_AVX512 __attribute__((flatten)) void check_avx512_lanes(std::mt19937& rn
       check(got[1][k] == mixprec::int8_value_hi16_v(c0 + k), "int8_value_hi16_v on 16 lanes", c0 + k, got[1][k], 0);
     }
   }
+  // the same on 32 16-bit lanes (the AVX-512 pair lanes' decode): m's codes sign-extended, v's zero-extended
+  alignas(64) int16_t words[32], hi16[32];
+  for (uint32_t c0 = 0; c0 < 256; c0 += 32) {
+    for (int k = 0; k < 32; ++k) words[k] = static_cast<int8_t>(c0 + k);
+    _mm512_store_si512(hi16, mixprec::int8_value_hi16_m(mixprec::avx512::Vec32w{_mm512_load_si512(words)}).v);
+    for (int k = 0; k < 32; ++k) {
+      const uint32_t want = mixprec::int8_value_hi16_m(static_cast<uint32_t>(static_cast<int32_t>(words[k])));
+      check(static_cast<uint16_t>(hi16[k]) == want, "int8_value_hi16_m on 32 16-bit lanes", c0 + k,
+            static_cast<uint16_t>(hi16[k]), want);
+    }
+    for (int k = 0; k < 32; ++k) words[k] = static_cast<int16_t>(c0 + k);
+    _mm512_store_si512(hi16, mixprec::int8_value_hi16_v(mixprec::avx512::Vec32w{_mm512_load_si512(words)}).v);
+    for (int k = 0; k < 32; ++k) {
+      const uint32_t want = mixprec::int8_value_hi16_v(c0 + k);
+      check(static_cast<uint16_t>(hi16[k]) == want, "int8_value_hi16_v on 32 16-bit lanes", c0 + k,
+            static_cast<uint16_t>(hi16[k]), want);
+    }
+  }
 }
 
 }  // namespace
