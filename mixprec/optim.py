@@ -433,7 +433,7 @@ class FusedAdam(torch.optim.Optimizer):
                              "with torch.view_as_real)")
         if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"{name} has dtype {p.dtype}; supported are float32, float16 and bfloat16")
-        if not is_non_overlapping_and_dense(p) and has_self_overlap(p):
+        if has_self_overlap(p):
             raise ValueError(f"{name} has elements that overlap in memory (shape {tuple(p.shape)}, strides "
                              f"{p.stride()}, e.g. an expanded tensor): an in-place update of it is ill-defined; pass a "
                              "tensor of its own")
