@@ -146,9 +146,9 @@ from collections import defaultdict
 
 import torch
 
-from mixprec import _backend, _grad_norm, distributed, ops
+from mixprec import _backend, _grad_norm, distributed
 from mixprec.ops._validate import has_self_overlap, is_non_overlapping_and_dense
-from mixprec.ops.adam import AdamLists, check_adam_hyper
+from mixprec.ops.adam import AdamLists, adam_step_of_optimizer_, check_adam_hyper
 from mixprec.reference import (
     INT8_BLOCK,
     codes_dtype,
@@ -1122,8 +1122,8 @@ class FusedAdam(torch.optim.Optimizer):
                 beta1 = float(beta1)  # note: the op takes Python floats; on a GPU this waits for the device
             if isinstance(beta2, torch.Tensor):
                 beta2 = float(beta2)
-            ops.adam_step_(
-                **lists.as_kwargs(), lr=self._lr_tensor(gi, group["lr"], device), beta1=beta1, beta2=beta2,
+            adam_step_of_optimizer_(
+                lists, lr=self._lr_tensor(gi, group["lr"], device), beta1=beta1, beta2=beta2,
                 eps=group["eps"], weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
                 maximize=group["maximize"], grad_scale=scale_by_device.get(device),
                 found_inf=found_by_device.get(device), clip_coef=clip.get(device),

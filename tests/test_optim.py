@@ -447,3 +447,29 @@ def test_resized_param_is_refused_on_every_backend(backend):
         opt.step()
     for t, b in zip((p.detach(), opt.state[p]["exp_avg"], opt.state[p]["master_param"]), before):
         assert_bitwise_equal(t, b, "nothing written by the refused step")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_state_replaced_by_hand_is_refused_before_any_write(backend):
+    """FusedAdam leaves the per-tensor checks of its own state to the extension's kernels (ops.adam's
+    adam_step_of_optimizer_): a state tensor replaced by hand with the wrong layout, dtype or device is still refused
+    by name on every backend (the extension's RuntimeError, adam_step_'s own errors on the others), and a tensor on
+    the meta device does not turn the step into one that silently writes nothing."""
+    replacements = {
+        "exp_avg_sq": lambda p: torch.zeros(p.shape[::-1]).t(),  # the param's shape, transposed strides
+        "step": lambda p: torch.tensor(1.0, dtype=torch.float64),
+        "master_param": lambda p: torch.zeros(p.shape, device="meta"),
+    }
+    names = {"exp_avg_sq": r"exp_avg_sqs\[0\] must have the shape and strides of params\[0\]",
+             "step": r"steps\[0\] must be (torch\.)?float32", "master_param": r"master_params\[0\] is on meta"}
+    for key, make in replacements.items():
+        p = torch.nn.Parameter(torch.randn(6, 10, dtype=torch.bfloat16))
+        p.grad = torch.randn_like(p)
+        opt = FusedAdamW([p], backend=backend)
+        opt.step()
+        opt.state[p][key] = make(p)
+        before = [t.clone() for t in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])]
+        with pytest.raises((RuntimeError, TypeError, ValueError), match=names[key]):
+            opt.step()
+        for t, b in zip((p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]), before):
+            assert_bitwise_equal(t, b, f"nothing written when {key} is refused")

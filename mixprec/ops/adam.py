@@ -117,10 +117,73 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, be
     device = common_device("params", params)
     state_dtype = _state_dtype(lists)
     _check_kinds(lists, params, state_dtype, sr_seed)
+    like = _check_params(params, device)
+    _check_like_params("grads", lists["grads"], like, None, written=False)
+    why = f" (exp_avgs[0] is {state_dtype}: one state kind per call)"
+    _check_like_params("exp_avgs", lists["exp_avgs"], like, state_dtype, why=why)
+    _check_like_params("exp_avg_sqs", lists["exp_avg_sqs"], like, EXP_AVG_SQ_DTYPES[state_dtype], why=why)
+    _check_like_params("max_exp_avg_sqs", lists["max_exp_avg_sqs"], like, EXP_AVG_SQ_DTYPES[state_dtype], why=why)
+    _check_like_params("master_params", lists["master_params"], like, torch.float32)
+    _check_like_params("param_remainders", lists["param_remainders"], like, torch.int16)
+    _, _, _, _, grad_on, inference_on = like
+    for name in ("exp_avg_scales", "exp_avg_sq_scales"):
+        _check_scales(name, lists[name], params, device, grad_on, inference_on)
+    if not isinstance(lr, torch.Tensor):
+        lr = torch.tensor(float(lr), dtype=torch.float32, device=device)
+    read_values = _check_scalars(device, lr=lr, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
+    for i, step in enumerate(lists["steps"]):
+        if not (isinstance(step, torch.Tensor) and step.dtype is torch.float32 and step.numel() == 1
+                and step.device == device and not (grad_on and step.requires_grad)
+                and (inference_on or not step.is_inference())):
+            check_scalar(f"steps[{i}]", step, device)
+            check_writable(f"steps[{i}]", step)
+        if read_values and not 0.0 <= step.item() < math.inf:
+            raise ValueError(f"steps[{i}] must be a finite count >= 0, got {step.item()}")
+    _implementation(_backend.select(backend, device))(
+        params, lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"],
+        **{name: list(lists[name]) for name in _OPTIONAL_LISTS}, lr=lr, beta1=float(beta1), beta2=float(beta2),
+        eps=float(eps), weight_decay=float(weight_decay), decoupled=bool(decoupled), maximize=bool(maximize),
+        grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+        sr_seed=-1 if sr_seed is None else int(sr_seed))
+
+
+def adam_step_of_optimizer_(lists: AdamLists, *, lr: torch.Tensor, beta1: float, beta2: float, eps: float,
+                            weight_decay: float, decoupled: bool, maximize: bool, grad_scale=None, found_inf=None,
+                            clip_coef=None, sr_seed=None, backend="auto") -> None:
+    """adam_step_ as mixprec.optim.FusedAdam calls it: one bucket of its params (not empty, on one device, of one
+    master and state kind), its own state tensors, which it made and keeps in the layout of their params, grads it
+    has matched to them, hyper-parameters and lr (a one-element fp32 tensor on the params' device) it has checked.
+
+    note: on the extension's backends the per-tensor checks of the lists are left to the extension
+    (csrc/adam_args.h checks the dtype, shape, strides, density and device of every tensor, so a state tensor
+    replaced by hand gets a RuntimeError, never a stray write); here only what it does not check: the params dense,
+    writable and disjoint, and the values of the scalars. Those per-tensor checks in Python (six lists of a few
+    hundred tensors, after a step that streamed the whole model out of the caches) were about a millisecond of a
+    GPT-2 step, several percent of its time. The Triton and reference backends rely on adam_step_'s checks, and get
+    them."""
+    params = lists.params
+    device = params[0].device
+    chosen = _backend.select(backend, device)
+    if chosen not in ("cpu", "cuda"):
+        adam_step_(**lists.as_kwargs(), lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                   decoupled=decoupled, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+                   clip_coef=clip_coef, sr_seed=sr_seed, backend=backend)
+        return
+    _check_params(params, device)
+    _check_scalars(device, lr=lr, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
+    _implementation(chosen)(
+        params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs, lists.steps,
+        **{name: getattr(lists, name) for name in _OPTIONAL_LISTS}, lr=lr, beta1=float(beta1), beta2=float(beta2),
+        eps=float(eps), weight_decay=float(weight_decay), decoupled=bool(decoupled), maximize=bool(maximize),
+        grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef, sr_seed=-1 if sr_seed is None else sr_seed)
+
+
+def _check_params(params: list, device: torch.device) -> tuple:
+    """Each param dense, writable, and no two sharing memory; returns what _check_like_params compares the other
+    lists with: (shapes, contiguous, params, device, grad_on, inference_on)."""
     # note: under torch.compile the tensors are fake: no data pointers, values or inference flags to read (and
     # dynamo cannot trace is_inference): those checks are left to the eager call and to the extension's own
     eager = not torch.compiler.is_compiling()
-    read_values = eager and device.type == "cpu"
     grad_on = torch.is_grad_enabled()
     inference_on = torch.is_inference_mode_enabled() if eager else True  # True: nothing to refuse
     # per param, computed once for every list: its shape, and whether it is contiguous (then a tensor of the same
@@ -136,42 +199,27 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, be
         if eager:
             spans.append((p.data_ptr(), p.numel() * p.element_size()))
     _check_disjoint(params, spans)
-    like = (shapes, contiguous, params, device, grad_on, inference_on)
-    _check_like_params("grads", lists["grads"], like, None, written=False)
-    why = f" (exp_avgs[0] is {state_dtype}: one state kind per call)"
-    _check_like_params("exp_avgs", lists["exp_avgs"], like, state_dtype, why=why)
-    _check_like_params("exp_avg_sqs", lists["exp_avg_sqs"], like, EXP_AVG_SQ_DTYPES[state_dtype], why=why)
-    _check_like_params("max_exp_avg_sqs", lists["max_exp_avg_sqs"], like, EXP_AVG_SQ_DTYPES[state_dtype], why=why)
-    _check_like_params("master_params", lists["master_params"], like, torch.float32)
-    _check_like_params("param_remainders", lists["param_remainders"], like, torch.int16)
-    for name in ("exp_avg_scales", "exp_avg_sq_scales"):
-        _check_scales(name, lists[name], params, device, grad_on, inference_on)
-    if not isinstance(lr, torch.Tensor):
-        lr = torch.tensor(float(lr), dtype=torch.float32, device=device)
-    for name, t in (("lr", lr), ("grad_scale", grad_scale), ("found_inf", found_inf), ("clip_coef", clip_coef)):
+    return shapes, contiguous, params, device, grad_on, inference_on
+
+
+def _check_scalars(device: torch.device, **scalars) -> bool:
+    """The one-element fp32 tensors lr, grad_scale, found_inf, clip_coef (None: absent) on `device`; on the CPU, in
+    an eager call whose found_inf does not skip the step, their values too. Returns whether the values were read
+    (the step's counts may then be read too)."""
+    for name, t in scalars.items():
         if t is not None:
             check_scalar(name, t, device)
+    found_inf = scalars["found_inf"]
     # a skipped step (found_inf nonzero) writes nothing, whatever the values: an overflowing step's clip_coef is NaN
-    read_values = read_values and (found_inf is None or found_inf.item() == 0)
-    for i, step in enumerate(lists["steps"]):
-        if not (isinstance(step, torch.Tensor) and step.dtype is torch.float32 and step.numel() == 1
-                and step.device == device and not (grad_on and step.requires_grad)
-                and (inference_on or not step.is_inference())):
-            check_scalar(f"steps[{i}]", step, device)
-            check_writable(f"steps[{i}]", step)
-        if read_values and not 0.0 <= step.item() < math.inf:
-            raise ValueError(f"steps[{i}] must be a finite count >= 0, got {step.item()}")
+    read_values = (device.type == "cpu" and not torch.compiler.is_compiling()
+                   and (found_inf is None or found_inf.item() == 0))
     if read_values:
-        for name, t, positive in (("lr", lr, False), ("grad_scale", grad_scale, True), ("clip_coef", clip_coef, False)):
+        for name, positive in (("lr", False), ("grad_scale", True), ("clip_coef", False)):
+            t = scalars[name]
             x = math.nan if t is None else t.item()
             if t is not None and not ((0.0 < x if positive else 0.0 <= x) and x < math.inf):
                 raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {x}")
-    _implementation(_backend.select(backend, device))(
-        params, lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"],
-        **{name: list(lists[name]) for name in _OPTIONAL_LISTS}, lr=lr, beta1=float(beta1), beta2=float(beta2),
-        eps=float(eps), weight_decay=float(weight_decay), decoupled=bool(decoupled), maximize=bool(maximize),
-        grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
-        sr_seed=-1 if sr_seed is None else int(sr_seed))
+    return read_values
 
 
 def _check_flags(lr, beta1, beta2, eps, weight_decay, decoupled, maximize, sr_seed) -> None:
@@ -311,4 +359,16 @@ if _ext.available():
     def _(params, grads, exp_avgs, exp_avg_sqs, steps, *, max_exp_avg_sqs, master_params, param_remainders,
           exp_avg_scales, exp_avg_sq_scales, lr, beta1, beta2, eps, weight_decay, decoupled, maximize=False,
           grad_scale=None, found_inf=None, clip_coef=None, sr_seed=-1):
+        # note: also the kernel an eager call reaches when one of its tensors is on the meta device (the dispatcher
+        # picks the meta kernel for the whole call): refused here, as the real kernels refuse another device,
+        # instead of a step that silently writes nothing
+        lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps,
+                 "max_exp_avg_sqs": max_exp_avg_sqs, "master_params": master_params,
+                 "param_remainders": param_remainders, "exp_avg_scales": exp_avg_scales,
+                 "exp_avg_sq_scales": exp_avg_sq_scales}
+        device = params[0].device if params else None
+        for name, tensors in lists.items():
+            for i, t in enumerate(tensors):
+                if t.device != device:
+                    raise ValueError(f"{name}[{i}] is on {t.device}, but params[0] is on {device}")
         return None
