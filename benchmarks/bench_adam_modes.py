@@ -25,8 +25,17 @@ Emerald Rapids machines, the ceiling gets the same hits as the step).
 
 The layer list is GPT-2's (768 wide, 4 blocks, 28.3M params): 170-450 MB of working set per mode, far out of Zen 3's
 32 MB L3 (an Emerald Rapids L3, 300 MB shared, may keep part of it between steps: see Ceiling).
+
+Compute floor: each mode's step on one core over a param whose arrays stay in cache (0.8-1.6 MB: the L2 of a Xeon
+core, the L3 of Zen 3), as ns per param (the slope between two sizes, so the step's fixed cost drops out), scaled to
+the row's params and threads. It is the time the step's instructions take with no memory traffic to wait for: a mode
+whose floor is near or above its ceiling's time is bound by its instructions, not its bytes, and moving fewer bytes
+cannot make it faster. (On the AVX-512 Xeon: int8 states about 0.9 ns per param per core, 12-13 ms for 28.4M params
+on 2 cores, against the ~10 ms of its ceiling; bf16 states about 0.6 ns, well under theirs.)
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -127,6 +136,7 @@ def _cpu(quick: bool) -> list[dict]:
     peer_optimizers[TORCH_FP32] = fused32
 
     timings = measure_interleaved(contenders, repeats=repeats, min_time_s=min_time_s)
+    floors = {} if reduced() else {name: compute_floor_ns(kwargs) for name, kwargs in MODES.items()}
     table = [f"{name}: {_stored(opt) / n:.2f} B/param stored (measured), {step_traffic(opt) / n:.2f} moved"
              for name, opt in optimizers.items()]
     table += [f"{name}: {_stored(opt) / n:.2f} B/param stored (measured)" for name, opt in peer_optimizers.items()]
@@ -138,12 +148,44 @@ def _cpu(quick: bool) -> list[dict]:
         work, ceiling = step_traffic(opt), timings[f"ceiling: {name}"]
         label = f"bfloat16, {name}: {_stored(opt) / n:.2f} B/param stored, {work / n:.2f} moved"
         row_notes = ["FusedAdamW.step()", f"ceiling: stream over this mode's arrays, IQR {ceiling.q25_ms:.3g}-"
-                     f"{ceiling.q75_ms:.3g} ms"] + (notes if name == BASELINE else [])
+                     f"{ceiling.q75_ms:.3g} ms"]
+        if name in floors:
+            floor_ms = floors[name] * n / torch.get_num_threads() / 1e6
+            row_notes.append(f"compute floor (in cache, one core): {floors[name]:.2f} ns/param, {floor_ms:.3g} ms here "
+                             f"({floor_ms / ceiling.median_ms:.0%} of the ceiling's time)")
+        row_notes += notes if name == BASELINE else []
         rows.append(row(op=OP, backend="cpu", device="cpu", shape=f"GPT-2 blocks: {n / 1e6:.1f}M params",
                         dtype=label, timing=timings[name], unit="GB/s", work=work, ceiling=gbps(work, ceiling),
                         peers={**({} if name == BASELINE else {f"mixprec {BASELINE}": baseline}), **peers},
                         notes="; ".join(row_notes)))
     return rows
+
+
+def compute_floor_ns(kwargs: dict, sizes: tuple[int, int] = (16384, 98304), steps: int = 100, reps: int = 11) -> float:
+    """ns per param of a FusedAdamW step with `kwargs` (bf16 params) on one core, its arrays in cache: the slope
+    between two sizes of the best time over `reps` runs of `steps` steps (the runs of the two sizes alternate, so a
+    burst of load falls on both; the per-step fixed cost, Python and the op's, is the same at both and drops out).
+    See the module docstring (Compute floor)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        optimizers = []
+        for n in sizes:
+            gen = torch.Generator().manual_seed(n)
+            p = torch.nn.Parameter(torch.randn(n, generator=gen).to(torch.bfloat16))
+            p.grad = (torch.randn(n, generator=gen) * 1e-3).to(torch.bfloat16)
+            optimizers.append(FusedAdamW([p], lr=1e-3, backend="cpu", **kwargs))
+            optimizers[-1].step()
+        best = [float("inf")] * len(sizes)
+        for _ in range(reps):
+            for k, opt in enumerate(optimizers):
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    opt.step()
+                best[k] = min(best[k], (time.perf_counter() - t0) / steps)
+        return (best[1] - best[0]) / (sizes[1] - sizes[0]) * 1e9
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _read_write(opt) -> tuple[int, int]:

@@ -496,7 +496,7 @@ void update_elements(const AdamBlock& block, const AdamCoeffs<typename L::F>& co
       L::stash(seg->m, i - seg->begin, s.exp_avg);
       L::stash(seg->v, i - seg->begin, s.exp_avg_sq);
       max_m = op_umax(max_m, int8_abs_bits(s.exp_avg));
-      max_v = op_umax(max_v, int8_abs_bits(s.exp_avg_sq));
+      max_v = op_umax(max_v, int8_abs_bits<true>(s.exp_avg_sq));
     }
     // (int8 moments go to the stash, not through these stores: a NaN there makes its block take the exact encoder)
     if constexpr (K::kBf16Stores && L::kWidth > 1) {

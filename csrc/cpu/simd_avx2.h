@@ -151,6 +151,11 @@ MIXPREC_PAIR_WITH_SCALAR(op_imax, int32_t)
 MIXPREC_PAIR_BINARY(op_zero_where_zero)
 MIXPREC_PAIR_BINARY(op_negate_where_negative)
 MIXPREC_PAIR_WITH_SCALAR(op_sra, int)
+template <class V>
+MIXPREC_AVX2 inline Pair<V> op_add_with_bit(Pair<V> a, uint32_t c, int n) {
+  using mixprec::op_add_with_bit;  // the generic one, for halves that have no overload of their own (Vec8i)
+  return {op_add_with_bit(a.e, c, n), op_add_with_bit(a.o, c, n)};
+}
 MIXPREC_PAIR_OPERATOR(+)
 MIXPREC_PAIR_OPERATOR(-)
 MIXPREC_PAIR_OPERATOR(*)

@@ -59,6 +59,11 @@ MIXPREC_AVX512 inline Vec16i operator^(Vec16i a, uint32_t b) { return a ^ broadc
 MIXPREC_AVX512 inline Vec16i operator>>(Vec16i a, int n) { return {_mm512_srli_epi32(a.v, n)}; }
 MIXPREC_AVX512 inline Vec16i operator<<(Vec16i a, int n) { return {_mm512_slli_epi32(a.v, n)}; }
 MIXPREC_AVX512 inline Vec16i op_sra(Vec16i a, int n) { return {_mm512_srai_epi32(a.v, n)}; }
+MIXPREC_AVX512 inline Vec16i op_add_with_bit(Vec16i a, uint32_t c, int n) {
+  const __mmask16 bit = _mm512_test_epi32_mask(a.v, _mm512_set1_epi32(1 << n));
+  const __m512i plus_c = _mm512_add_epi32(a.v, _mm512_set1_epi32(static_cast<int>(c)));
+  return {_mm512_mask_add_epi32(plus_c, bit, a.v, _mm512_set1_epi32(static_cast<int>(c + 1u)))};
+}
 
 MIXPREC_AVX512 inline Vec16i op_bits(Vec16 a) { return {_mm512_castps_si512(a.v)}; }
 MIXPREC_AVX512 inline Vec16 op_from_bits(Vec16i a) { return {_mm512_castsi512_ps(a.v)}; }

@@ -258,11 +258,11 @@ MIXPREC_HD auto int8_code_magnitude(F x) {
   if constexpr (kExact) {
     const auto near_one = op_ge(x, kHalfValue1) & 1u;
     const auto a = op_bits(x) & 0x7fffffffu;
-    const auto r = (a + 0x7ffffu + ((a >> 20) & 1u)) >> 20;
+    const auto r = op_add_with_bit(a, 0x7ffffu, 20) >> 20;
     return op_imin(op_imax(r - kBias, near_one), static_cast<int32_t>(kMax));
   } else {
     const auto a = op_bits(x);
-    return op_ge(x, kHalfValue1) & op_imax(op_sra(a + (0x7ffffu - (kBias << 20)) + ((a >> 20) & 1u), 20), 1);
+    return op_ge(x, kHalfValue1) & op_imax(op_sra(op_add_with_bit(a, 0x7ffffu - (kBias << 20), 20), 20), 1);
   }
 }
 
@@ -279,15 +279,21 @@ MIXPREC_HD auto int8_encode_m(F m, F inv) {
   }
 }
 
+// (In the !kExact case v is not NaN, and v >= +0: a decoded v is a code's value times an absmax, and the update
+// adds (1 - beta2) * g * g to beta2 times it, all products of non-negative floats, so |v| is v.)
 template <bool kExact = true, class F>
 MIXPREC_HD auto int8_encode_v(F v, F inv) {
-  return int8_code_magnitude<kInt8BiasV, kInt8MaxV, kExact>(op_mul(op_abs(v), inv));
+  if constexpr (kExact) return int8_code_magnitude<kInt8BiasV, kInt8MaxV, true>(op_mul(op_abs(v), inv));
+  else return int8_code_magnitude<kInt8BiasV, kInt8MaxV, false>(op_mul(v, inv));
 }
 
-// The bits whose maximum over a block is its absmax (|x|'s bits order like |x|; NaN above inf).
-template <class F>
+// The bits whose maximum over a block is its absmax (|x|'s bits order like |x|; NaN above inf). kNonNegative: x
+// is known to be +0 or more, or NaN (the exp_avg_sq of an update: see int8_encode_v), whose own bits then do (a NaN
+// with its sign bit set is still above inf's bits, and int8_scale makes any of them one NaN).
+template <bool kNonNegative = false, class F>
 MIXPREC_HD auto int8_abs_bits(F x) {
-  return op_bits(x) & 0x7fffffffu;
+  if constexpr (kNonNegative) return op_bits(x);
+  else return op_bits(x) & 0x7fffffffu;
 }
 
 // The block's scale from the max of int8_abs_bits over it: the fp32 absmax, NaN (one canonical quiet NaN,

@@ -64,6 +64,13 @@ MIXPREC_HD uint32_t op_imin(uint32_t a, int32_t b) {
 }
 MIXPREC_HD uint32_t op_umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
 MIXPREC_HD uint32_t op_sra(uint32_t a, int n) { return static_cast<uint32_t>(static_cast<int32_t>(a) >> n); }
+// a + c + bit n of a (0 or 1): with c = 2^(n-1) - 1, a rounded to nearest even at bit n (then shifted out).
+// Written over any integer lanes; the AVX-512 lanes overload it with a bit test into a mask and an add of c or
+// c + 1 (three instructions instead of four).
+template <class I>
+MIXPREC_HD I op_add_with_bit(I a, uint32_t c, int n) {
+  return a + c + ((a >> n) & 1u);
+}
 // a, or 0 where b == 0; for b >= 0 (x86's psignd there: AVX2 does it in one instruction, AVX-512 with a mask)
 MIXPREC_HD uint32_t op_zero_where_zero(uint32_t a, uint32_t b) { return b == 0u ? 0u : a; }
 // -a where b < 0 (signed), else a; for b == 0 only where a == 0 (psignd's semantics there, as above)
@@ -77,7 +84,7 @@ MIXPREC_HD uint32_t op_negate_where_negative(uint32_t a, uint32_t b) {
 template <bool kMayBeNaN = true, class F>
 MIXPREC_HD auto bf16_rne_bits(F f) {
   const auto u = op_bits(f);
-  const auto rounded = u + 0x7fffu + ((u >> 16) & 1u);
+  const auto rounded = op_add_with_bit(u, 0x7fffu, 16);
   if constexpr (kMayBeNaN) return op_select(op_isnan(f), u | 0x00400000u, rounded);
   else return rounded;
 }
