@@ -26,15 +26,17 @@ Emerald Rapids machines, the ceiling gets the same hits as the step).
 The layer list is GPT-2's (768 wide, 4 blocks, 28.3M params): 170-450 MB of working set per mode, far out of Zen 3's
 32 MB L3 (an Emerald Rapids L3, 300 MB shared, may keep part of it between steps: see Ceiling).
 
-Compute floor: each mode's step on one core over a param whose arrays stay in cache (0.8-1.6 MB: the L2 of a Xeon
-core, the L3 of Zen 3), as ns per param (the slope between two sizes, so the step's fixed cost drops out), scaled to
-the row's params and threads. It is the time the step's instructions take with no memory traffic to wait for: a mode
-whose floor is near or above its ceiling's time is bound by its instructions, not its bytes, and moving fewer bytes
-cannot make it faster. (On the AVX-512 Xeon: int8 states about 0.9 ns per param per core, 12-13 ms for 28.4M params
-on 2 cores, against the ~10 ms of its ceiling; bf16 states about 0.6 ns, well under theirs.)
+Compute floor: each mode's step on one thread over a param whose arrays stay in cache (0.8-1.6 MB: the L2 of a Xeon
+core, the L3 of Zen 3), measured first (best of 15 alternating calls), as ns per param (the slope between two sizes,
+so the step's fixed cost drops out), scaled to the row's params and threads. It is the time the step's instructions
+take with no memory traffic to wait for: a mode whose floor is near or above its ceiling's time is bound by its
+instructions, not its bytes, and moving fewer bytes cannot make it faster. (On the AVX-512 Xeon: int8 states about
+0.9 ns per param per core, 12-13 ms for 28.4M params on 2 cores, against the ~10 ms of its ceiling; bf16 states
+about 0.6 ns, well under theirs.)
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -47,6 +49,8 @@ from mixprec.optim import FusedAdamW, step_traffic
 
 OP = "adam_step_ (state modes)"
 BASELINE = "fp32 masters"
+# the compute floor: one param of each size, FLOOR_STEPS steps per call (0.2 / 0.8-1.6 MB of arrays: in cache)
+FLOOR_SIZES, FLOOR_STEPS = (16384, 98304), 50
 TORCH_FP32 = "torch.optim.AdamW(fused=True) fp32 params"
 # mode name -> FusedAdamW arguments (bf16 params)
 MODES = {
@@ -135,8 +139,10 @@ def _cpu(quick: bool) -> list[dict]:
     contenders.update(eight_bit)
     peer_optimizers[TORCH_FP32] = fused32
 
-    timings = measure_interleaved(contenders, repeats=repeats, min_time_s=min_time_s)
+    # (before the big contenders run: measured after them, in the same rounds or apart, the floors came out 30-50%
+    # higher, run after run, though a cold cache or a busy second core alone does not raise them)
     floors = {} if reduced() else {name: compute_floor_ns(kwargs) for name, kwargs in MODES.items()}
+    timings = measure_interleaved(contenders, repeats=repeats, min_time_s=min_time_s)
     table = [f"{name}: {_stored(opt) / n:.2f} B/param stored (measured), {step_traffic(opt) / n:.2f} moved"
              for name, opt in optimizers.items()]
     table += [f"{name}: {_stored(opt) / n:.2f} B/param stored (measured)" for name, opt in peer_optimizers.items()]
@@ -151,7 +157,7 @@ def _cpu(quick: bool) -> list[dict]:
                      f"{ceiling.q75_ms:.3g} ms"]
         if name in floors:
             floor_ms = floors[name] * n / torch.get_num_threads() / 1e6
-            row_notes.append(f"compute floor (in cache, one core): {floors[name]:.2f} ns/param, {floor_ms:.3g} ms here "
+            row_notes.append(f"compute floor (in cache, one thread): {floors[name]:.2f} ns/param, {floor_ms:.3g} ms here "
                              f"({floor_ms / ceiling.median_ms:.0%} of the ceiling's time)")
         row_notes += notes if name == BASELINE else []
         rows.append(row(op=OP, backend="cpu", device="cpu", shape=f"GPT-2 blocks: {n / 1e6:.1f}M params",
@@ -161,31 +167,31 @@ def _cpu(quick: bool) -> list[dict]:
     return rows
 
 
-def compute_floor_ns(kwargs: dict, sizes: tuple[int, int] = (16384, 98304), steps: int = 100, reps: int = 11) -> float:
-    """ns per param of a FusedAdamW step with `kwargs` (bf16 params) on one core, its arrays in cache: the slope
-    between two sizes of the best time over `reps` runs of `steps` steps (the runs of the two sizes alternate, so a
-    burst of load falls on both; the per-step fixed cost, Python and the op's, is the same at both and drops out).
-    See the module docstring (Compute floor)."""
+def compute_floor_ns(kwargs: dict, reps: int = 15) -> float:
+    """ns per param of a FusedAdamW step with `kwargs` (bf16 params) on one thread, its arrays in cache: the slope
+    between FLOOR_SIZES of the best of `reps` calls of FLOOR_STEPS steps each, the calls of the two sizes alternating
+    (a floor: load from other tenants only ever adds time; the per-step fixed cost, Python and the op's, is the same
+    at both sizes and drops out). See the module docstring (Compute floor)."""
+    optimizers = []
+    for n in FLOOR_SIZES:
+        gen = torch.Generator().manual_seed(n)
+        p = torch.nn.Parameter(torch.randn(n, generator=gen).to(torch.bfloat16))
+        p.grad = (torch.randn(n, generator=gen) * 1e-3).to(torch.bfloat16)
+        optimizers.append(FusedAdamW([p], lr=1e-3, backend="cpu", **kwargs))
+        optimizers[-1].step()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        optimizers = []
-        for n in sizes:
-            gen = torch.Generator().manual_seed(n)
-            p = torch.nn.Parameter(torch.randn(n, generator=gen).to(torch.bfloat16))
-            p.grad = (torch.randn(n, generator=gen) * 1e-3).to(torch.bfloat16)
-            optimizers.append(FusedAdamW([p], lr=1e-3, backend="cpu", **kwargs))
-            optimizers[-1].step()
-        best = [float("inf")] * len(sizes)
+        best = [math.inf] * len(FLOOR_SIZES)
         for _ in range(reps):
             for k, opt in enumerate(optimizers):
                 t0 = time.perf_counter()
-                for _ in range(steps):
+                for _ in range(FLOOR_STEPS):
                     opt.step()
-                best[k] = min(best[k], (time.perf_counter() - t0) / steps)
-        return (best[1] - best[0]) / (sizes[1] - sizes[0]) * 1e9
+                best[k] = min(best[k], (time.perf_counter() - t0) / FLOOR_STEPS)
     finally:
         torch.set_num_threads(threads)
+    return (best[1] - best[0]) / (FLOOR_SIZES[1] - FLOOR_SIZES[0]) * 1e9
 
 
 def _read_write(opt) -> tuple[int, int]:
