@@ -30,9 +30,9 @@ Compute floor: each mode's step on one thread over a param whose arrays stay in 
 core, the L3 of Zen 3), measured first (best of 15 alternating calls), as ns per param (the slope between two sizes,
 so the step's fixed cost drops out), scaled to the row's params and threads. It is the time the step's instructions
 take with no memory traffic to wait for: a mode whose floor is near or above its ceiling's time is bound by its
-instructions, not its bytes, and moving fewer bytes cannot make it faster. (On the AVX-512 Xeon: int8 states about
-0.9 ns per param per core, 12-13 ms for 28.4M params on 2 cores, against the ~10 ms of its ceiling; bf16 states
-about 0.6 ns, well under theirs.)
+instructions, not its bytes, and moving fewer bytes cannot make it faster. (On the AVX-512 Xeon: int8 states about 1
+ns per param, 13.5-14 ms for 28.4M params on 2 threads, against the ~11 ms of its ceiling; bf16 states about 0.67
+ns, under theirs.)
 """
 from __future__ import annotations
 
@@ -157,8 +157,8 @@ def _cpu(quick: bool) -> list[dict]:
                      f"{ceiling.q75_ms:.3g} ms"]
         if name in floors:
             floor_ms = floors[name] * n / torch.get_num_threads() / 1e6
-            row_notes.append(f"compute floor (in cache, one thread): {floors[name]:.2f} ns/param, {floor_ms:.3g} ms here "
-                             f"({floor_ms / ceiling.median_ms:.0%} of the ceiling's time)")
+            row_notes.append(f"compute floor (in cache, one thread): {floors[name]:.2f} ns/param, {floor_ms:.3g} ms "
+                             f"here ({floor_ms / ceiling.median_ms:.0%} of the ceiling's time)")
         row_notes += notes if name == BASELINE else []
         rows.append(row(op=OP, backend="cpu", device="cpu", shape=f"GPT-2 blocks: {n / 1e6:.1f}M params",
                         dtype=label, timing=timings[name], unit="GB/s", work=work, ceiling=gbps(work, ceiling),
