@@ -139,12 +139,9 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, be
             check_writable(f"steps[{i}]", step)
         if read_values and not 0.0 <= step.item() < math.inf:
             raise ValueError(f"steps[{i}] must be a finite count >= 0, got {step.item()}")
-    _implementation(_backend.select(backend, device))(
-        params, lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"],
-        **{name: list(lists[name]) for name in _OPTIONAL_LISTS}, lr=lr, beta1=float(beta1), beta2=float(beta2),
-        eps=float(eps), weight_decay=float(weight_decay), decoupled=bool(decoupled), maximize=bool(maximize),
-        grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
-        sr_seed=-1 if sr_seed is None else int(sr_seed))
+    _run(_backend.select(backend, device), params, lists, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+         weight_decay=weight_decay, decoupled=decoupled, maximize=maximize, grad_scale=grad_scale,
+         found_inf=found_inf, clip_coef=clip_coef, sr_seed=sr_seed)
 
 
 def adam_step_of_optimizer_(lists: AdamLists, *, lr: torch.Tensor, beta1: float, beta2: float, eps: float,
@@ -171,11 +168,21 @@ def adam_step_of_optimizer_(lists: AdamLists, *, lr: torch.Tensor, beta1: float,
         return
     _check_params(params, device)
     _check_scalars(device, lr=lr, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
+    _run(chosen, params, lists.as_kwargs(), lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+         decoupled=decoupled, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+         sr_seed=sr_seed)
+
+
+def _run(chosen: str, params: list, lists, *, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale,
+         found_inf, clip_coef, sr_seed) -> None:
+    """The backend `chosen` on checked arguments, in the mixprec::adam_step_ schema's form (lists: the other lists
+    by name; the optional ones may be empty)."""
     _implementation(chosen)(
-        params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs, lists.steps,
-        **{name: getattr(lists, name) for name in _OPTIONAL_LISTS}, lr=lr, beta1=float(beta1), beta2=float(beta2),
+        params, lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"],
+        **{name: list(lists[name]) for name in _OPTIONAL_LISTS}, lr=lr, beta1=float(beta1), beta2=float(beta2),
         eps=float(eps), weight_decay=float(weight_decay), decoupled=bool(decoupled), maximize=bool(maximize),
-        grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef, sr_seed=-1 if sr_seed is None else sr_seed)
+        grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+        sr_seed=-1 if sr_seed is None else int(sr_seed))
 
 
 def _check_params(params: list, device: torch.device) -> tuple:
@@ -362,12 +369,11 @@ if _ext.available():
         # note: also the kernel an eager call reaches when one of its tensors is on the meta device (the dispatcher
         # picks the meta kernel for the whole call): refused here, as the real kernels refuse another device,
         # instead of a step that silently writes nothing
-        lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps,
-                 "max_exp_avg_sqs": max_exp_avg_sqs, "master_params": master_params,
-                 "param_remainders": param_remainders, "exp_avg_scales": exp_avg_scales,
-                 "exp_avg_sq_scales": exp_avg_sq_scales}
+        names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", *_OPTIONAL_LISTS)
+        lists = (params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs, master_params, param_remainders,
+                 exp_avg_scales, exp_avg_sq_scales)
         device = params[0].device if params else None
-        for name, tensors in lists.items():
+        for name, tensors in zip(names, lists, strict=True):
             for i, t in enumerate(tensors):
                 if t.device != device:
                     raise ValueError(f"{name}[{i}] is on {t.device}, but params[0] is on {device}")
